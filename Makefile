@@ -1,0 +1,36 @@
+# Two commands are all a fresh clone needs: `make smoke` and `make test` (both set up .venv when missing).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP_QUIET := --quiet --disable-pip-version-check
+
+.PHONY: setup smoke test test-fast lint clean benchmark-prepare help
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml constraints.txt scripts/install_pillow_simd.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(PIP_QUIET) --upgrade pip setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
+	set -o pipefail; $(BIN)/pip install $(PIP_QUIET) -c constraints.txt -e '.[dev]' 2>&1 | { grep -v "^WARNING: Location" || true; }
+	bash scripts/install_pillow_simd.sh $(BIN)
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv with the pinned stack and pillow-simd (falls back to Pillow with a warning)
+
+smoke: $(STAMP)  ## the main job on embedded defaults: synthetic ImageNet -> prepare -> stats
+	$(BIN)/python -m alexnet.smoke
+
+test: $(STAMP)  ## the whole test suite (CPU only)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)  ## unit tests only (no Ray, no servers)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+benchmark-prepare: $(STAMP)  ## preprocessing throughput vs a naive Pillow baseline and decode-only
+	$(BIN)/python benchmarks/prepare_throughput.py
+
+clean:  ## remove build and run outputs (keeps .venv)
+	rm -rf .pytest_cache build *.egg-info runs

@@ -1,0 +1,214 @@
+"""The ``alexnet`` command: every stage of the pipeline from a terminal.
+
+Each command parses its options and calls exactly one library function, the same one the Prefect flow's task
+and the tests call. Run ``alexnet COMMAND --help`` for the options of a command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+def _positive_fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, not {text!r}")
+    name, value = text.split("=", 1)
+    return name, value
+
+
+# --- download ---------------------------------------------------------------------------------------------------
+
+
+def _download_imagenet(args: argparse.Namespace) -> int:
+    from pipelines.download import download_imagenet, parse_headers
+
+    paths = download_imagenet(
+        args.source,
+        args.dest,
+        verify=args.verify,
+        headers=parse_headers(args.header),
+        md5=dict(args.md5),
+        progress=not args.quiet,
+    )
+    for path in paths:
+        print(path)
+    return 0
+
+
+# --- prepare / stats / synth ------------------------------------------------------------------------------------
+
+
+def _prepare_imagenet(args: argparse.Namespace) -> int:
+    from pipelines.imaging import ImageRecipe
+    from pipelines.prepare import prepare_imagenet
+
+    manifest = prepare_imagenet(
+        args.source,
+        args.out,
+        recipe=ImageRecipe(
+            size=args.size, resample=args.resample, draft=args.draft, image_format=args.format, quality=args.quality
+        ),
+        layout=args.layout,
+        shard_rows=args.shard_rows,
+        max_bad_fraction=args.max_bad_fraction,
+        overwrite=args.overwrite,
+        seed=args.seed,
+        ray_address=args.ray_address,
+    )
+    summary = {s: {k: v[k] for k in ("rows", "rejected")} | {"shards": len(v["shards"])} for s, v in manifest["splits"].items()}
+    print(json.dumps({"out": args.out, "layout": manifest["source"]["layout"], "splits": summary}, indent=2))
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from pipelines.stats import compute_stats
+
+    stats = compute_stats(args.data, split=args.split, batch_size=args.batch_size, ray_address=args.ray_address)
+    keys = ("mean_rgb", "std_rgb", "eigval", "eigvec", "num_images", "num_pixels")
+    print(json.dumps({k: stats[k] for k in keys}, indent=2))
+    return 0
+
+
+def _synth_imagenet(args: argparse.Namespace) -> int:
+    from pipelines.synth import write_synthetic_imagenet
+
+    info = write_synthetic_imagenet(
+        args.out,
+        layout=args.layout,
+        classes=args.classes,
+        train_per_class=args.train_per_class,
+        val_per_class=args.val_per_class,
+        size=args.size,
+        seed=args.seed,
+        quirks=args.quirks,
+    )
+    print(f"wrote a synthetic ImageNet ({args.layout} layout) to {args.out}: {len(info.wnids)} classes, "
+          f"{len(info.train)} train and {len(info.val)} val images")
+    return 0
+
+
+# --- the parser -------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alexnet",
+        description="Reproduce AlexNet (Krizhevsky, Sutskever & Hinton, NIPS 2012): download, prepare, stats, ...",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # download
+    download = commands.add_parser("download", help="fetch official dataset archives, verifying checksums")
+    download_sets = download.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    d = download_sets.add_parser(
+        "imagenet",
+        help="the three ILSVRC-2012 files (train tar, val tar, devkit)",
+        description="Fetch ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz from "
+        "an https:// URL prefix, s3://bucket/prefix or a local folder into DIR, resuming partial downloads and "
+        "verifying the published MD5s.",
+    )
+    d.add_argument("--from", dest="source", required=True, metavar="URI", help="https://..., s3://... or a folder")
+    d.add_argument("--to", dest="dest", required=True, metavar="DIR", help="local destination folder")
+    d.add_argument("--no-verify", dest="verify", action="store_false", help="skip MD5 checks (subsets, mirrors)")
+    d.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="extra HTTP header, e.g. 'Authorization: Bearer TOKEN' (repeatable)")
+    d.add_argument("--md5", action="append", default=[], type=_key_value, metavar="FILE=MD5",
+                   help="expected MD5 for a file, overriding the published one (repeatable)")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(handler=_download_imagenet)
+
+    # prepare
+    prep = commands.add_parser("prepare", help="preprocess a dataset with Ray Data into Parquet shards")
+    prep_sets = prep.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    p = prep_sets.add_parser(
+        "imagenet",
+        help="ILSVRC-2012 in the official, Kaggle or ImageFolder layout",
+        description="Decode, convert to RGB, resize the shorter side to 256, centre-crop 256x256 and write Parquet "
+        "shards plus manifest.json to OUT. The layout of SRC is auto-detected; archives are read in place. "
+        "Reruns resume; a complete output is left alone unless --overwrite.",
+    )
+    p.add_argument("--source", required=True, metavar="SRC", help="folder or s3://bucket/prefix")
+    p.add_argument("--out", required=True, metavar="OUT", help="folder or s3://bucket/prefix for the shards")
+    p.add_argument("--layout", choices=("official", "kaggle", "imagefolder"), help="skip auto-detection")
+    p.add_argument("--format", choices=("jpeg", "raw"), default="jpeg", help="stored image encoding (default jpeg)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of stored images (default 90)")
+    p.add_argument("--size", type=int, default=256, help="shorter side and crop size (default 256, the paper)")
+    p.add_argument("--resample", choices=("bilinear", "bicubic", "lanczos", "box"), default="bilinear",
+                   help="resize filter, antialiased (default bilinear)")
+    p.add_argument("--no-draft", dest="draft", action="store_false",
+                   help="decode large JPEGs at full scale instead of libjpeg's reduced-scale decoding")
+    p.add_argument("--shard-rows", type=int, help="images per shard (default: about 96 MB per shard)")
+    p.add_argument("--max-bad-fraction", type=_positive_fraction, default=0.01,
+                   help="fail when more than this fraction of inputs cannot be decoded (default 0.01)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild OUT from scratch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train-row order across shards")
+    p.add_argument("--ray-address", help="Ray cluster to run on (default: RAY_ADDRESS, else local)")
+    p.set_defaults(handler=_prepare_imagenet)
+
+    # stats
+    s = commands.add_parser(
+        "stats",
+        help="mean image and RGB PCA of the training split",
+        description="One streaming Ray Data pass over the prepared training shards: writes stats.json (mean_rgb, "
+        "std_rgb, eigval, eigvec with eigenvectors as columns, pixels in [0, 1]) and mean_image.npy to DATA.",
+    )
+    s.add_argument("--data", required=True, metavar="URI", help="a prepared dataset (folder or s3://...)")
+    s.add_argument("--split", default="train", help="split to use (default train)")
+    s.add_argument("--batch-size", type=int, default=64, help="images per Ray Data batch")
+    s.add_argument("--ray-address", help="Ray cluster to run on (default: RAY_ADDRESS, else local)")
+    s.set_defaults(handler=_stats)
+
+    # synth
+    syn = commands.add_parser("synth", help="write small synthetic datasets in the official formats")
+    syn_sets = syn.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    y = syn_sets.add_parser(
+        "imagenet",
+        help="a tiny, learnable ImageNet with the real archive's quirks",
+        description="Write a deterministic, learnable ImageNet subset in the official (train tar of class tars, "
+        "val tar, devkit with meta.mat), Kaggle or ImageFolder layout, including the quirks of the real set "
+        "(a PNG named .JPEG, CMYK and grayscale JPEGs, huge and tiny images, empty and truncated files).",
+    )
+    y.add_argument("--out", required=True, metavar="DIR")
+    y.add_argument("--layout", choices=("official", "kaggle", "imagefolder"), default="official")
+    y.add_argument("--classes", type=int, default=10)
+    y.add_argument("--train-per-class", type=int, default=20)
+    y.add_argument("--val-per-class", type=int, default=5)
+    y.add_argument("--size", type=int, default=320, help="typical longer side of the images")
+    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--no-quirks", dest="quirks", action="store_false", help="only clean RGB JPEGs")
+    y.set_defaults(handler=_synth_imagenet)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(args) or 0
+    except (ValueError, RuntimeError, FileNotFoundError, OSError) as e:
+        # Expected failures (bad input, checksum, incomplete data) end with their message, not a traceback.
+        logging.getLogger("alexnet").debug("failed", exc_info=True)
+        print(f"alexnet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""Offline dataset writing: source images -> Ray Data -> resized 256x256 Parquet shards + ``manifest.json``.
+
+Output contract (``conventions.md``)::
+
+    <out>/train/part-00000-of-00417.parquet ...   columns: key, label, wnid, image, source_width, source_height
+    <out>/val/part-00000-of-00017.parquet ...
+    <out>/manifest.json                            written last: a dataset without it is incomplete
+    <out>/_state/                                  the plan and one record per finished shard (for resuming)
+
+How it stays correct when interrupted: the split is cut into shards *before* any work, deterministically (train
+rows are shuffled with a fixed seed so every shard mixes all classes; val rows are sorted by key). Each shard is
+one Ray Data task that decodes, resizes and encodes its images, writes the Parquet file under a temporary name,
+moves it into place, and only then records ``_state/<split>-<shard>.json`` with its row count, checksum and
+rejected inputs. A rerun does only the shards without a record, so it never duplicates or loses rows, and its
+output is byte-identical to an uninterrupted run. The manifest is assembled from the records at the end.
+
+Memory is bounded by the shards in flight (one per CPU), not by the dataset size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import imaging, ingest, storage
+from pipelines.imaging import DecodeError, ImageRecipe
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+STATE_DIR = "_state"
+FORMAT_VERSION = "alexnet-prepared/1"
+
+#: Schema of every shard.
+SHARD_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("label", pa.int32()),
+        ("wnid", pa.string()),
+        ("image", pa.binary()),
+        ("source_width", pa.int32()),
+        ("source_height", pa.int32()),
+    ]
+)
+
+#: Typical stored bytes per image, used to size shards and row groups.
+_EST_BYTES = {"jpeg": 32 << 10, "raw": 256 * 256 * 3}
+
+
+class PrepareError(RuntimeError):
+    """Preprocessing cannot finish: too many rejects, or an output from other inputs is in the way."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How rows are cut into files."""
+
+    shard_rows: int  #: images per Parquet file (sized to tens-to-hundreds of MB)
+    row_group_rows: int  #: images per row group (a few MB: the unit of streaming and shuffling)
+
+    @classmethod
+    def default(cls, image_format: str, *, shard_rows: int | None = None) -> "Layout":
+        per_row = _EST_BYTES[image_format]
+        rows = shard_rows or max(1, (96 << 20) // per_row)
+        return cls(rows, max(1, min(rows, (8 << 20) // per_row)))
+
+
+def _shard_name(split: str, shard: int, num_shards: int) -> str:
+    return f"{split}/part-{shard:05d}-of-{num_shards:05d}.parquet"
+
+
+def _state_name(split: str, shard: int) -> str:
+    return f"{STATE_DIR}/{split}-{shard:05d}.json"
+
+
+def _fingerprint(table: pa.Table) -> str:
+    """Hash of what the index points at, so a resumed run can tell it is continuing the same work."""
+    h = hashlib.sha256()
+    for name in ("split", "key", "label", "uri", "offset", "size"):
+        h.update(name.encode())
+        for chunk in table[name].chunks:
+            h.update(json.dumps(chunk.to_pylist()).encode())
+    return h.hexdigest()
+
+
+def plan_shards(index: ingest.SourceIndex, layout: Layout, *, seed: int = 0) -> dict[str, pa.Table]:
+    """The rows of each split in the order they are written: train shuffled with ``seed``, val by key."""
+    plan = {}
+    for split in ingest.SPLITS:
+        table = index.split(split)
+        if split == "train" and table.num_rows:
+            order = np.random.default_rng(seed).permutation(table.num_rows)
+            table = table.take(pa.array(order))
+        plan[split] = table
+    return plan
+
+
+# --- the work of one shard (runs in a Ray Data task) -------------------------------------------------------------
+
+
+def process_shard(task: dict[str, Any]) -> dict[str, Any]:
+    """Read, preprocess and write one shard; returns (and persists) its record."""
+    recipe = ImageRecipe(**json.loads(task["recipe"]))
+    out, name = task["out"], task["name"]
+    rows: dict[str, list] = {f.name: [] for f in SHARD_SCHEMA}
+    rejects = []
+    files: dict[str, Any] = {}
+    try:
+        for key, label, wnid, uri, offset, size in zip(
+            task["key"], task["label"], task["wnid"], task["uri"], task["offset"], task["size"]
+        ):
+            # inside an archive, name the byte range too, so a reject can be found with `dd`
+            source = f"{uri} [bytes {offset}..{offset + size})" if uri.endswith(".tar") else uri
+            try:
+                data = ingest.read_range(uri, offset, size, files) if size else b""
+                image, (width, height) = imaging.preprocess(data, recipe)
+            except DecodeError as e:
+                rejects.append({"split": task["split"], "key": key, "wnid": wnid, "source": source, "reason": str(e)})
+                continue
+            for col, value in zip(rows, (key, label, wnid, image, width, height)):
+                rows[col].append(value)
+    finally:
+        for f in files.values():
+            f.close()
+
+    table = pa.Table.from_pydict(rows, schema=SHARD_SCHEMA).replace_schema_metadata(
+        {"alexnet.image_format": recipe.image_format, "alexnet.image_size": str(recipe.size)}
+    )
+    target = storage.join(out, name)
+    if storage.is_s3(out):
+        tmp_dir = tempfile.mkdtemp(prefix="alexnet-shard-")
+    else:
+        tmp_dir = os.path.join(storage.filesystem(target)[1].rsplit(os.sep, 1)[0], ".tmp")
+        os.makedirs(tmp_dir, exist_ok=True)
+    tmp = os.path.join(tmp_dir, f"{os.path.basename(name)}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(
+        table,
+        tmp,
+        row_group_size=task["row_group_rows"],
+        compression={"key": "zstd", "wnid": "zstd", "label": "zstd", "image": "none",
+                     "source_width": "zstd", "source_height": "zstd"},
+        write_statistics=["label"],
+    )
+    digest = hashlib.sha256()
+    with open(tmp, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            digest.update(block)
+    nbytes = os.path.getsize(tmp)
+    storage.upload_file(tmp, target)
+    record = {
+        "split": task["split"],
+        "shard": task["shard"],
+        "path": name,
+        "rows": table.num_rows,
+        "inputs": len(task["key"]),
+        "bytes": nbytes,
+        "sha256": digest.hexdigest(),
+        "rejects": rejects,
+    }
+    # The record is the shard's commit point: without it a rerun redoes the shard.
+    storage.write_json(storage.join(out, _state_name(task["split"], task["shard"])), record)
+    return {"record": json.dumps(record)}
+
+
+# --- the driver -----------------------------------------------------------------------------------------------
+
+
+def _records(out: str) -> dict[tuple[str, int], dict]:
+    found = {}
+    for rel, _ in storage.list_files(storage.join(out, STATE_DIR), recursive=False):
+        base = os.path.basename(rel)
+        if base.endswith(".json") and base.count("-") == 1 and base.split("-")[0] in ingest.SPLITS:
+            rec = storage.read_json(storage.join(out, STATE_DIR, base))
+            found[(rec["split"], rec["shard"])] = rec
+    return found
+
+
+def prepare_imagenet(
+    source: str,
+    out: str,
+    *,
+    recipe: ImageRecipe = ImageRecipe(),
+    layout: str | None = None,
+    shard_rows: int | None = None,
+    max_bad_fraction: float = 0.01,
+    overwrite: bool = False,
+    seed: int = 0,
+    ray_address: str | None = None,
+) -> dict[str, Any]:
+    """Preprocess an ImageNet source (any supported layout, local or S3) into Parquet shards at ``out``.
+
+    Returns the manifest. An existing complete output made with the same inputs and parameters is returned as is
+    (``overwrite=True`` rebuilds it); an interrupted one is resumed.
+    """
+    from pipelines.rayutil import ensure_ray
+
+    started = time.time()
+    manifest_uri = storage.join(out, MANIFEST)
+    if overwrite:
+        storage.delete_tree(out)
+    ensure_ray(ray_address)
+    index = ingest.index_imagenet(source, layout=layout)
+    shape = Layout.default(recipe.image_format, shard_rows=shard_rows)
+    plan = plan_shards(index, shape, seed=seed)
+    params = {
+        "recipe": dataclasses.asdict(recipe),
+        "shard_rows": shape.shard_rows,
+        "row_group_rows": shape.row_group_rows,
+        "seed": seed,
+        "max_bad_fraction": max_bad_fraction,
+    }
+    plan_hash = hashlib.sha256(
+        json.dumps({"params": params, "index": _fingerprint(index.table)}, sort_keys=True).encode()
+    ).hexdigest()
+
+    if storage.exists(manifest_uri):
+        manifest = storage.read_json(manifest_uri)
+        if manifest.get("plan_hash") == plan_hash:
+            log.info("%s is complete (same inputs and parameters): nothing to do; pass --overwrite to rebuild", out)
+            return manifest
+        raise PrepareError(
+            f"{out} already holds a complete dataset made from other inputs or parameters. "
+            "Pass --overwrite to replace it, or choose another --out."
+        )
+    plan_uri = storage.join(out, STATE_DIR, "plan.json")
+    if storage.exists(plan_uri):
+        previous = storage.read_json(plan_uri)
+        if previous.get("plan_hash") != plan_hash:
+            raise PrepareError(
+                f"{out} holds a partial dataset from other inputs or parameters ({plan_uri}). "
+                "Pass --overwrite to start again, or choose another --out."
+            )
+    else:
+        storage.write_json(plan_uri, {"plan_hash": plan_hash, "source": source, "params": params})
+
+    tasks = []
+    done = _records(out)
+    num_shards = {s: math.ceil(t.num_rows / shape.shard_rows) for s, t in plan.items()}
+    recipe_json = json.dumps(dataclasses.asdict(recipe))
+    for split, table in plan.items():
+        for shard in range(num_shards[split]):
+            if (split, shard) in done:
+                continue
+            part = table.slice(shard * shape.shard_rows, shape.shard_rows)
+            tasks.append(
+                {
+                    "split": split,
+                    "shard": shard,
+                    "name": _shard_name(split, shard, num_shards[split]),
+                    "out": out,
+                    "recipe": recipe_json,
+                    "row_group_rows": shape.row_group_rows,
+                    **{c: part[c].to_pylist() for c in ("key", "label", "wnid", "uri", "offset", "size")},
+                }
+            )
+    total_shards = sum(num_shards.values())
+    log.info("%d of %d shards to write (%d already done)", len(tasks), total_shards, total_shards - len(tasks))
+    if tasks:
+        if not storage.is_s3(out):  # temporaries of an interrupted run
+            for split in plan:
+                storage.delete_tree(storage.join(out, split, ".tmp"))
+        _run_tasks(tasks)
+
+    records = _records(out)
+    missing = [(s, i) for s in plan for i in range(num_shards[s]) if (s, i) not in records]
+    if missing:  # pragma: no cover - a task failure raises above
+        raise PrepareError(f"{len(missing)} shards did not finish (first: {missing[0]}); rerun to resume")
+    manifest = _manifest(index, plan, records, num_shards, params, plan_hash, recipe)
+    rejects = manifest["rejects"]
+    inputs = sum(len(t) for t in plan.values())
+    if inputs and len(rejects) / inputs > max_bad_fraction:
+        rejects_uri = storage.join(out, STATE_DIR, "rejects.json")
+        storage.write_json(rejects_uri, rejects)
+        first = "; ".join(f"{r['key']} ({r['reason']})" for r in rejects[:5])
+        raise PrepareError(
+            f"{len(rejects)} of {inputs} input images ({len(rejects) / inputs:.2%}) could not be decoded, more than "
+            f"--max-bad-fraction {max_bad_fraction:g}. First: {first}. Full list: {rejects_uri}. "
+            "Check the source archives (re-download, verify MD5s) or raise --max-bad-fraction."
+        )
+    manifest["elapsed_s"] = round(time.time() - started, 3)
+    storage.write_json(manifest_uri, manifest)
+    log.info(
+        "wrote %s: %s rows, %d rejected",
+        manifest_uri,
+        {s: v["rows"] for s, v in manifest["splits"].items()},
+        len(rejects),
+    )
+    return manifest
+
+
+def _run_tasks(tasks: list[dict[str, Any]]) -> None:
+    import ray.data
+
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    # One CPU per shard task: decoding is CPU-bound; Ray Data keeps one task in flight per free CPU.
+    results = ds.map(process_shard, num_cpus=1, runtime_env=storage.worker_env()).take_all()
+    log.info("wrote %d shards", len(results))
+
+
+def _manifest(index, plan, records, num_shards, params, plan_hash, recipe: ImageRecipe) -> dict[str, Any]:
+    splits, rejects = {}, []
+    for split in plan:
+        recs = [records[(split, i)] for i in range(num_shards[split])]
+        splits[split] = {
+            "rows": sum(r["rows"] for r in recs),
+            "inputs": sum(r["inputs"] for r in recs),
+            "rejected": sum(len(r["rejects"]) for r in recs),
+            "shards": [{k: r[k] for k in ("path", "rows", "bytes", "sha256")} for r in recs],
+        }
+        rejects += [rej for r in recs for rej in r["rejects"]]
+    return {
+        "format": FORMAT_VERSION,
+        "dataset": "imagenet",
+        "complete": True,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"uri": index.source, "layout": index.layout},
+        "label_convention": "index of the wnid in sorted wnid order (torchvision/Kaggle/Caffe)",
+        "num_classes": len(index.wnids),
+        "classes": [{"label": i, "wnid": w, "words": index.words.get(w, "")} for i, w in enumerate(index.wnids)],
+        "image": {
+            "format": recipe.image_format,
+            "size": [recipe.size, recipe.size],
+            "channels": "RGB",
+            "raw_layout": "HWC uint8" if recipe.image_format == "raw" else None,
+        },
+        "preprocessing": {**params, "pillow": imaging.pillow_info()},
+        "schema": [f"{f.name}: {f.type}" for f in SHARD_SCHEMA],
+        "splits": splits,
+        "rejects": rejects,
+        "plan_hash": plan_hash,
+    }
+
+
+def load_manifest(data: str) -> dict[str, Any]:
+    """The manifest of a prepared dataset; a clear error when the dataset is missing or incomplete."""
+    uri = storage.join(data, MANIFEST)
+    if not storage.exists(uri):
+        raise PrepareError(
+            f"{uri} not found: {data} is not a complete prepared dataset. "
+            f"Run `alexnet prepare imagenet --source SRC --out {data}` (it resumes an interrupted run)."
+        )
+    return storage.read_json(uri)
+
+
+def shard_uris(data: str, manifest: dict[str, Any], split: str) -> list[str]:
+    return [storage.join(data, s["path"]) for s in manifest["splits"][split]["shards"]]
+
+
+def manifest_hash(data: str) -> str:
+    """sha256 of ``manifest.json``: the identity of a prepared dataset in lineage tags and checkpoints."""
+    return hashlib.sha256(storage.read_bytes(storage.join(data, MANIFEST))).hexdigest()

@@ -1,0 +1,97 @@
+"""Shared fixtures: a local Ray, synthetic ImageNets in the three layouts, and an S3 server on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+#: The synthetic ImageNet used by the ingest/prepare/stats tests (small: every layout is prepared several times).
+SYNTH = dict(classes=4, train_per_class=12, val_per_class=4, size=200, seed=0)
+#: The synthetic set holds 2 undecodable train files and 1 undecodable val file out of 64.
+SYNTH_BAD_FRACTION = 0.1
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """The same synthetic ImageNet written in each layout: <root>/{official,kaggle,imagefolder}."""
+    from pipelines.synth import write_synthetic_imagenet
+
+    root = tmp_path_factory.mktemp("synth-imagenet")
+    for layout in ("official", "kaggle", "imagefolder"):
+        write_synthetic_imagenet(root / layout, layout=layout, **SYNTH)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on loopback; AWS_* variables point at it for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION")}
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_REGION="us-east-1",
+    )
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def upload_tree(local: Path, bucket: str, prefix: str) -> str:
+    """Copy a local folder to s3://bucket/prefix (creating the bucket); returns the URI."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    try:
+        s3.create_bucket(Bucket=bucket)
+    except s3.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
+    return f"s3://{bucket}/{prefix}"
+
+
+@pytest.fixture(scope="session")
+def prepared(synth_root, ray_local, tmp_path_factory) -> Path:
+    """The official-layout synthetic ImageNet, prepared (small shards so that splits have several)."""
+    from pipelines.prepare import prepare_imagenet
+
+    out = tmp_path_factory.mktemp("prepared") / "imagenet"
+    prepare_imagenet(str(synth_root / "official"), str(out), shard_rows=16, max_bad_fraction=SYNTH_BAD_FRACTION)
+    return out
