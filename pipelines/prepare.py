@@ -303,9 +303,12 @@ def prepare_imagenet(
 def _run_tasks(tasks: list[dict[str, Any]]) -> None:
     import ray.data
 
+    from pipelines.rayutil import cpu_concurrency
+
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    # One CPU per shard task: decoding is CPU-bound; Ray Data keeps one task in flight per free CPU.
-    results = ds.map(process_shard, num_cpus=1, runtime_env=storage.worker_env()).take_all()
+    # One CPU per shard task (decoding is CPU-bound), as many tasks as the cluster has CPUs.
+    pool = ray.data.TaskPoolStrategy(size=cpu_concurrency(len(tasks)))
+    results = ds.map(process_shard, num_cpus=1, compute=pool, runtime_env=storage.worker_env()).take_all()
     log.info("wrote %d shards", len(results))
 
 

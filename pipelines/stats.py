@@ -90,21 +90,23 @@ def compute_stats(
     ``mean_image.npy`` next to the manifest and returns the stats."""
     import ray.data
 
-    from pipelines.rayutil import ensure_ray
+    from pipelines.rayutil import cpu_concurrency, ensure_ray
 
     started = time.time()
     manifest = prepare.load_manifest(data)
     image_format, size = manifest["image"]["format"], manifest["image"]["size"][0]
     uris = prepare.shard_uris(data, manifest, split)
     ensure_ray(ray_address)
+
     fs, _ = storage.filesystem(data)
     paths = [storage.filesystem(u)[1] for u in uris]
-    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["image"])
+    ds = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=len(paths)).select_columns(["image"])
     sums = ds.map_batches(
         partial_sums,
         fn_kwargs={"image_format": image_format, "size": size},
         batch_size=batch_size,
         batch_format="numpy",
+        compute=ray.data.TaskPoolStrategy(size=cpu_concurrency()),
     )
     count = 0
     sum_image = np.zeros((size, size, 3), dtype=np.int64)

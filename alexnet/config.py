@@ -1,0 +1,212 @@
+"""Typed configuration, one section per concern, loaded from the YAML presets in ``configs/``.
+
+A preset is a YAML file with the sections below; every key is checked (an unknown key is an error naming the
+section and the valid keys) and ``--set section.key=value`` overrides are parsed to the field's type. Only entry
+points unpack a ``Config``: library functions take plain arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared ImageNet is and how batches are made from it."""
+
+    data: str = ""  #: prepared dataset URI (folder or s3://), with stats.json and mean_image.npy
+    train_split: str = "train"
+    val_split: str = "val"
+    normalize: Literal["mean_image", "channel"] = "mean_image"  #: the paper subtracts the mean image
+    lighting_std: float = 0.1  #: std of the PCA colour noise coefficients (paper: 0.1); 0 disables
+    crop: int = 224  #: training/evaluation patch size
+    shuffle_buffer: int = 4096  #: rows mixed in memory on top of the shuffled row-group order
+    decode_threads: int = 0  #: JPEG decoding threads per worker; 0 = automatic
+    limit_train: int = 0  #: rows per epoch per run (smoke runs); 0 = all
+    limit_val: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """The network (see ``alexnet.model.build_model``)."""
+
+    variant: Literal["paper", "torchvision"] = "paper"
+    num_classes: int = 0  #: 0 = from the dataset's manifest
+    lrn: bool = True
+    overlap_pool: bool = True
+    groups: int = 2
+    dropout: float = 0.5
+    init: Literal["paper", "kaiming", "caffe"] = "paper"
+
+
+@dataclass
+class TrainConfig:
+    """The paper's recipe (section 5) and how it runs on Ray Train."""
+
+    epochs: int = 90
+    batch_size: int = 128  #: global batch, split evenly across workers (the paper: 128)
+    lr: float = 0.01  #: at the global batch of 128; see lr_scaling
+    lr_scaling: Literal["none", "linear"] = "none"  #: "linear": lr * batch_size / 128
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["plateau", "step"] = "plateau"
+    #: plateau: divide lr by 10 when val top-1 error has not improved by `plateau_threshold` for `patience`
+    #: epochs, at most `max_lr_drops` times (the paper: three times)
+    patience: int = 5
+    plateau_threshold: float = 0.001
+    max_lr_drops: int = 3
+    step_epochs: list[int] = field(default_factory=lambda: [30, 60, 80])  #: schedule "step": drop at these
+    label_smoothing: float = 0.0
+    seed: int = 0
+    num_workers: int = 1  #: Ray Train workers (one per GPU)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    bf16: bool = False  #: autocast matmuls/convs to bfloat16 (GPU)
+    channels_last: bool = False
+    compile: bool = False  #: torch.compile the model
+    storage_path: str = "runs/ray"  #: Ray Train storage (local folder or s3://): checkpoints, results
+    run_name: str = "alexnet"  #: rerunning the same name resumes from its latest checkpoint
+    max_failures: int = 3  #: worker-group restarts from the last checkpoint
+    checkpoints_to_keep: int = 2
+    log_every: int = 50  #: steps between progress lines
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: the default store (sqlite:///mlflow.db) unless MLFLOW_TRACKING_URI or tracking_uri is set."""
+
+    tracking_uri: str = ""
+    experiment: str = "alexnet"
+    log_model: bool = True
+    registered_model: str = ""  #: register the final model under this name ("" = do not register)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.lr": 0.01, ...}``: for MLflow params."""
+        return {f"{s}.{k}": v for s, section in self.to_dict().items() for k, v in section.items()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(raw) - set(sections)
+        if unknown:
+            raise ValueError(f"unknown config section(s) {sorted(unknown)}; valid: {sorted(sections)}")
+        built = {}
+        for name, f in sections.items():
+            section_cls = f.default_factory  # type: ignore[misc]
+            values = raw.get(name) or {}
+            if not isinstance(values, dict):
+                raise ValueError(f"config section {name!r} must be a mapping, not {type(values).__name__}")
+            valid = {g.name: g for g in dataclasses.fields(section_cls)}
+            bad = set(values) - set(valid)
+            if bad:
+                raise ValueError(f"unknown key(s) {sorted(bad)} in section {name!r}; valid: {sorted(valid)}")
+            hints = typing.get_type_hints(section_cls)
+            built[name] = section_cls(**{k: _coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()})
+        return cls(**built)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check (and, for strings from the command line, parse) ``value`` against the field's type."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ValueError(f"{where} must be one of {list(typing.get_args(hint))}, not {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        (inner,) = typing.get_args(hint)
+        return [_coerce(v, inner, where) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"{where}: union types are not supported in configs")
+    if hint is bool:
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(f"{where} must be true or false, not {value!r}")
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, not {value!r}")
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{where} must be a number, not {value!r}")
+        try:
+            number = hint(value) if isinstance(value, str) or hint is float else value
+        except ValueError:
+            kind = "an integer" if hint is int else "a number"
+            raise ValueError(f"{where} must be {kind}, not {value!r}") from None
+        if hint is int and (not isinstance(number, int) or isinstance(number, bool)):
+            raise ValueError(f"{where} must be an integer, not {value!r}")
+        return number
+    if hint is str:
+        return str(value)
+    return value
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
+    """``["train.lr=0.02", "data.data=s3://x"]`` -> ``{"train": {"lr": "0.02"}, "data": {"data": "s3://x"}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.lr=0.02)")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """A preset (YAML) with ``section.key=value`` overrides applied; no path = the built-in defaults."""
+    raw: dict[str, Any] = {}
+    if path:
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a config is a mapping of sections, not {type(raw).__name__}")
+    for section, values in parse_overrides(overrides or []).items():
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ValueError(f"config section {section!r} must be a mapping")
+        raw[section].update(values)
+    try:
+        return Config.from_dict(raw)
+    except ValueError as e:
+        raise ValueError(f"{path or 'config'}: {e}") from None
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``alexnet train`` and ``python -m alexnet.train`` (one definition for both)."""
+    parser.add_argument("--config", default=None, help="a preset, e.g. configs/paper.yaml or configs/smoke.yaml")
+    parser.add_argument("--data", help="prepared dataset URI (sets data.data)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=10 (repeatable)")
+    parser.add_argument("--ray-address", help="Ray cluster (default: RAY_ADDRESS, else local)")
+    parser.add_argument("--no-tracking", dest="tracking", action="store_false", help="do not log to MLflow")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The preset named by ``--config`` with ``--set`` overrides and ``--data`` applied."""
+    overrides = list(args.overrides) + ([f"data.data={args.data}"] if args.data else [])
+    return load_config(args.config, overrides)

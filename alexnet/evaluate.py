@@ -1,0 +1,68 @@
+"""Top-1 / top-5 error of a checkpoint on a prepared split, with the centre crop or the paper's ten crops.
+
+Krizhevsky et al. 2012, section 4.1: "At test time, the network makes a prediction by extracting five 224x224
+patches (the four corner patches and the center patch) as well as their horizontal reflections (hence ten
+patches in all), and averaging the predictions made by the network's softmax layer on the ten patches."
+
+    alexnet evaluate --checkpoint runs/ray/alexnet/checkpoint_... --data runs/smoke/prepared --crops 10
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from alexnet.augment import Augmentation
+from alexnet.config import Config
+
+log = logging.getLogger(__name__)
+
+#: ILSVRC-2012 validation error of one CNN in the paper (Table 2), 10 crops.
+PAPER_VAL_ERRORS = {"top1_err": 0.407, "top5_err": 0.182}
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    data: str,
+    *,
+    crops: int = 1,
+    split: str = "val",
+    batch_size: int = 128,
+    limit: int | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on ``split`` of the prepared dataset ``data``; returns errors and provenance."""
+    from alexnet.data import ShardReader
+    from alexnet.train import errors, evaluate, load_checkpoint, model_from_checkpoint
+    from pipelines import prepare, stats as stats_mod
+
+    if crops not in (1, 10):
+        raise ValueError(f"crops must be 1 or 10, not {crops}")
+    state = load_checkpoint(checkpoint)
+    cfg = Config.from_dict(state["config"])
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    stats, mean_image = stats_mod.load_stats(data)
+    if state.get("stats_sha256") and stats.get("mean_image_sha256") != state["stats_sha256"]:
+        log.warning("%s: statistics differ from those the checkpoint was trained with", data)
+    manifest = prepare.load_manifest(data)
+    if manifest["num_classes"] != state["num_classes"]:
+        raise ValueError(f"{data} has {manifest['num_classes']} classes; the checkpoint predicts {state['num_classes']}")
+    augmentation = Augmentation.from_stats(stats, mean_image, normalize=cfg.data.normalize,
+                                           lighting_std=cfg.data.lighting_std, crop=cfg.data.crop).to(dev)
+    model = model_from_checkpoint(state).to(dev)
+    reader = ShardReader(data, split, batch_size=batch_size, shuffle=False, limit=limit)
+    result = errors(evaluate(model, reader, augmentation, device=dev, crops=crops))
+    return {
+        **result,
+        "crops": crops,
+        "split": split,
+        "images": reader.num_rows,
+        "epoch": state["epoch"],
+        "checkpoint": checkpoint,
+        "data": data,
+        "data_manifest_sha256": prepare.manifest_hash(data),
+        "trained_on_manifest_sha256": state.get("data_manifest_sha256"),
+        "paper": PAPER_VAL_ERRORS,
+    }

@@ -1,0 +1,191 @@
+"""Training: the recipe's parts, and real Ray Train runs on CPU (2 workers, gloo) that learn, resume and
+survive a killed worker; S3 storage on loopback; MLflow's real store; evaluation with 1 and 10 crops."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alexnet.config import load_config
+from alexnet.train import LRSchedule, build_optimizer, load_checkpoint, model_from_checkpoint, topk_correct
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- units ---------------------------------------------------------------------------------------------------------
+
+
+def test_plateau_schedule_divides_by_ten_at_most_three_times():
+    s = LRSchedule(0.01, "plateau", patience=2, threshold=0.001, max_drops=3)
+    lrs = []
+    for epoch, err in enumerate([0.9, 0.8, 0.8, 0.8, 0.7, 0.7, 0.7] + [0.7] * 10):
+        s.step(epoch, err)
+        lrs.append(s.lr)
+    assert lrs[:4] == [0.01, 0.01, 0.01, 0.001]  # two epochs without improvement after 0.8
+    assert math.isclose(lrs[6], 1e-4) and math.isclose(min(lrs), 1e-5)  # three drops, never a fourth
+    restored = LRSchedule(0.01, "plateau", patience=2, max_drops=3)
+    restored.load_state_dict(s.state_dict())
+    assert restored.lr == s.lr
+
+
+def test_step_schedule():
+    s = LRSchedule(0.1, "step", step_epochs=[2, 4])
+    lrs = []
+    for epoch in range(5):
+        s.step(epoch, 0.5)
+        lrs.append(round(s.lr, 6))
+    assert lrs == [0.1, 0.01, 0.01, 0.001, 0.001]
+
+
+def test_sgd_matches_the_papers_update_rule_and_spares_biases():
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    assert [g["weight_decay"] for g in opt.param_groups] == [5e-4, 0.0]
+    w = model.weight.detach().clone()
+    v = torch.zeros_like(w)
+    torch.manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(4, 3)
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        grad = model.weight.grad.detach().clone()
+        v = 0.9 * v - 0.0005 * 0.01 * w - 0.01 * grad  # the paper, section 5
+        w = w + v
+        opt.step()
+        assert torch.allclose(model.weight.detach(), w, atol=1e-7)
+
+
+def test_topk_correct():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.2], [0.2, 0.3, 0.5]])
+    assert topk_correct(logits, torch.tensor([1, 2, 0]), ks=(1, 2)) == [1, 2]
+
+
+# --- Ray Train on CPU ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def train_data(ray_local, tmp_path_factory) -> str:
+    """A 10-class synthetic ImageNet, prepared, with statistics."""
+    from pipelines.prepare import prepare_imagenet
+    from pipelines.stats import compute_stats
+    from pipelines.synth import write_synthetic_imagenet
+
+    root = tmp_path_factory.mktemp("train-data")
+    write_synthetic_imagenet(root / "src", classes=10, train_per_class=40, val_per_class=10, size=200, seed=3)
+    prepare_imagenet(str(root / "src"), str(root / "prepared"), shard_rows=100)
+    compute_stats(str(root / "prepared"))
+    return str(root / "prepared")
+
+
+def _config(data: str, tmp_path: Path, *overrides: str):
+    return load_config(ROOT / "configs" / "smoke.yaml", [
+        f"data.data={data}", f"train.storage_path={tmp_path / 'ray'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides])
+
+
+@pytest.mark.slow
+def test_two_workers_learn_and_log_to_mlflow(train_data, tmp_path, ray_local):
+    import mlflow
+
+    from alexnet.train import run_training
+
+    cfg = _config(train_data, tmp_path, "train.epochs=3", "train.run_name=learn")
+    result = run_training(cfg)
+    assert result.metrics["epoch"] == 3
+    assert result.metrics["val_top1_err"] < 0.6, result.history  # chance is 0.9 with 10 classes
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    state = load_checkpoint(result.checkpoint)
+    assert state["epoch"] == 3 and state["num_classes"] == 10 and state["data_manifest_sha256"]
+    assert set(state) >= {"model", "optimizer", "schedule", "rng", "config", "history", "stats_sha256"}
+    model_from_checkpoint(state)  # loads into a fresh network
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.batch_size"] == "32" and run.data.params["derived.world_size"] == "2"
+    assert len(client.get_metric_history(run.info.run_id, "val_top1_err")) == 3
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "history.json", "curves.png"} <= artifacts
+    assert run.data.tags["data_manifest_sha256"] and run.data.tags["git_commit"]
+
+
+def _worker_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_the_last_checkpoint(train_data, tmp_path, ray_local):
+    from alexnet.train import run_training
+
+    cfg = _config(train_data, tmp_path, "train.epochs=3", "train.run_name=killed", "data.limit_train=64",
+                  "data.limit_val=32", "train.max_failures=2")
+    run_dir = tmp_path / "ray" / "killed"
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            if list(run_dir.glob("checkpoint_*/checkpoint.pt")):
+                pids = _worker_pids()
+                if pids:
+                    victim = max(pids)
+                    subprocess.run(["kill", "-9", str(victim)])
+                    killed.append(victim)
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    result = run_training(cfg)
+    killer.join(timeout=5)
+    assert killed, "no worker was killed: the run ended before its first checkpoint was seen"
+    assert result.metrics["epoch"] == 3
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]  # no epoch lost or repeated
+    model_from_checkpoint(load_checkpoint(result.checkpoint))
+
+    # rerunning the same run name resumes: two more epochs, not five
+    more = run_training(_config(train_data, tmp_path, "train.epochs=5", "train.run_name=killed",
+                                "data.limit_train=64", "data.limit_val=32"))
+    assert [h["epoch"] for h in more.history] == [1, 2, 3, 4, 5]
+    assert more.history[:3] == result.history
+
+
+@pytest.mark.slow
+def test_checkpoints_on_s3(train_data, tmp_path, s3_endpoint, ray_local):
+    import boto3
+
+    from alexnet.train import run_training
+
+    boto3.client("s3").create_bucket(Bucket="alexnet-runs")
+    cfg = _config(train_data, tmp_path, "train.epochs=1", "train.run_name=s3run", "data.limit_train=32",
+                  "data.limit_val=16", "train.storage_path=s3://alexnet-runs/ray")
+    result = run_training(cfg, tracking=False)
+    assert result.checkpoint.startswith("s3://alexnet-runs/ray/s3run/")
+    state = load_checkpoint(result.checkpoint)
+    assert state["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_evaluate_centre_and_ten_crops_from_the_cli(train_data, tmp_path, ray_local):
+    from alexnet.train import run_training
+
+    result = run_training(_config(train_data, tmp_path, "train.epochs=1", "train.run_name=eval",
+                                  "data.limit_train=64"), tracking=False)
+    errs = {}
+    for crops in (1, 10):
+        out = subprocess.run([sys.executable, "-m", "alexnet.cli", "evaluate", "--checkpoint", result.checkpoint,
+                              "--data", train_data, "--crops", str(crops), "--limit", "40"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        payload = json.loads(out.stdout[out.stdout.index("{"):])
+        assert payload["crops"] == crops and payload["images"] == 40
+        errs[crops] = payload["top1_err"]
+        assert 0 <= payload["top5_err"] <= payload["top1_err"] <= 1
