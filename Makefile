@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: setup smoke test test-fast lint clean benchmark-prepare help
+.PHONY: setup smoke test test-fast clean benchmark-prepare benchmark-train mlflow-ui help
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/install_pillow_simd.sh
 
 setup: $(STAMP)  ## create .venv with the pinned stack and pillow-simd (falls back to Pillow with a warning)
 
-smoke: $(STAMP)  ## the main job on embedded defaults: synthetic ImageNet -> prepare -> stats
+smoke: $(STAMP)  ## the main job on embedded defaults: synthetic ImageNet -> prepare -> stats -> train -> evaluate
 	$(BIN)/python -m alexnet.smoke
 
 test: $(STAMP)  ## the whole test suite (CPU only)
@@ -31,6 +31,13 @@ test-fast: $(STAMP)  ## unit tests only (no Ray, no servers)
 
 benchmark-prepare: $(STAMP)  ## preprocessing throughput vs a naive Pillow baseline and decode-only
 	$(BIN)/python benchmarks/prepare_throughput.py
+
+benchmark-train: $(STAMP)  ## training input pipeline vs ImageFolder+DataLoader; AlexNet step throughput
+	$(BIN)/python benchmarks/train_input.py
+	$(BIN)/python benchmarks/train_step.py
+
+mlflow-ui: $(STAMP)  ## the MLflow UI on the default store (sqlite:///mlflow.db), bound to 127.0.0.1
+	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port $${MLFLOW_PORT:-5000}
 
 clean:  ## remove build and run outputs (keeps .venv)
 	rm -rf .pytest_cache build *.egg-info runs

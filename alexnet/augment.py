@@ -228,18 +228,24 @@ class Augmentation:
         """Crop, flip, light and normalise a uint8 batch ``[N, 3, H, W]`` with the given choices.
 
         Subtracting a (cropped, flipped) mean image commutes with cropping and flipping, so the mean image
-        is gathered through the same indices as the pixels: ``flip(crop(x)) - flip(crop(M)) ==
-        flip(crop(x - M))``, the paper's "mean image subtracted, then patch taken". Gathering the uint8
-        pixels first keeps the float work at 224x224.
+        is cropped and flipped like the pixels: ``flip(crop(x)) - flip(crop(M)) == flip(crop(x - M))``, the
+        paper's "mean image subtracted, then patch taken". Cropping the uint8 pixels first keeps the float work
+        at 224x224.
 
-        One gather for the whole batch: on a GPU a few kernels whatever ``N``. On one CPU thread a batch of
-        128 takes about 0.2 s (a Python loop of per-image slices measured about 3x faster there, but would
-        launch ``N`` kernels per batch on a GPU), so run it on the training device.
+        Two equivalent implementations: on accelerators one gather for the whole batch (a few kernels whatever
+        ``N``); on the CPU a loop of per-image slices, about 3x cheaper there than the gather
+        (``benchmarks/train_input.py``). ``tests/test_augment.py`` checks they agree.
         """
-        n, channels, height, width = self._check_input(x)
+        n, _, _, _ = self._check_input(x)
         params = params.to(x.device)
         if params.top.shape != (n,):
             raise ValueError(f"params are for {params.top.shape[0]} images, the batch has {n}")
+        if x.device.type == "cpu":
+            return self._apply_train_sliced(x, params)
+        return self._apply_train_gathered(x, params)
+
+    def _apply_train_gathered(self, x: torch.Tensor, params: TrainParams) -> torch.Tensor:
+        n, channels, height, width = x.shape
         size = self.crop
         steps = torch.arange(size, device=x.device)
         rows = params.top[:, None] + steps  # [N, crop]
@@ -255,6 +261,27 @@ class Augmentation:
             out -= mean_image.expand(n, -1, -1).gather(2, index).reshape(n, channels, size, size)
             return out
         return self._normalize_channels(out)
+
+    def _apply_train_sliced(self, x: torch.Tensor, params: TrainParams) -> torch.Tensor:
+        # NumPy, one image at a time: single-threaded, no per-op dispatch cost, and views for crops and flips
+        # (torch's intra-op threads made these small per-image ops slower, not faster).
+        n, channels, _, _ = x.shape
+        size = self.crop
+        pixels = x.numpy()
+        out = np.empty((n, channels, size, size), dtype=np.float32)
+        offsets = self.lighting_offsets(params.alpha).numpy()[:, :, None, None]
+        mean_image = self._stat(self.mean_image, x.device).numpy() if self.normalize == "mean_image" else None
+        scale = np.float32(1.0 / 255.0)
+        for i, (top, left, flip) in enumerate(zip(params.top.tolist(), params.left.tolist(), params.flip.tolist())):
+            rows, cols = slice(top, top + size), slice(left, left + size)
+            step = -1 if flip else 1
+            patch = out[i]
+            np.multiply(pixels[i, :, rows, cols][:, :, ::step], scale, out=patch, casting="unsafe")
+            patch += offsets[i]
+            if mean_image is not None:
+                patch -= mean_image[:, rows, cols][:, :, ::step]
+        result = torch.from_numpy(out)
+        return result if mean_image is not None else self._normalize_channels(result)
 
     def train(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Random crop, flip, PCA lighting and normalisation of a uint8 batch -> float32 ``[N, 3, crop, crop]``."""

@@ -117,6 +117,18 @@ def test_vectorised_crop_equals_per_sample_slicing(mean_image: torch.Tensor, sta
         torch.testing.assert_close(out[i].double(), expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("normalize", ["mean_image", "channel"])
+def test_cpu_slicing_and_batched_gather_agree(normalize: str, mean_image: torch.Tensor, stats: dict) -> None:
+    # apply_train slices per image on the CPU and gathers on accelerators: both must give the same batch
+    augmentation = Augmentation.from_stats(stats, mean_image, normalize=normalize)
+    x = random_images(16, seed=5)
+    params = augmentation.sample_train_params(16, torch.Generator().manual_seed(2))
+    assert params.flip.any() and not params.flip.all()
+    sliced = augmentation.apply_train(x, params)
+    gathered = augmentation._apply_train_gathered(x, params)
+    torch.testing.assert_close(sliced, gathered, rtol=0, atol=1e-6)
+
+
 def test_crop_offsets_cover_the_range_uniformly_and_flip_half_the_time() -> None:
     # 40x40 images with an 8x8 crop have the same 33x33 offsets as 256x256 with 224, at a fraction of the cost.
     augmentation = identity_normalisation(crop=8)

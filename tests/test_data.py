@@ -197,6 +197,16 @@ def test_pixels_equal_decode_stored(datasets, fmt, decoder):
     assert checked == SIZES["train"]
 
 
+def test_reads_from_s3(datasets, s3_endpoint):
+    from tests.conftest import upload_tree
+
+    uri = upload_tree(Path(datasets["jpeg"]), "alexnet-data-reader", "prepared")
+    local = ShardReader(datasets["jpeg"], "val", batch_size=5, shuffle=False, with_keys=True)
+    remote = ShardReader(uri, "val", batch_size=5, shuffle=False, with_keys=True)
+    for a, b in zip(local, remote, strict=True):
+        assert a.keys == b.keys and torch.equal(a.labels, b.labels) and torch.equal(a.images, b.images)
+
+
 def test_abandoned_iterator_leaves_no_thread(datasets):
     reader = ShardReader(datasets["jpeg"], "train", batch_size=2, shuffle=True, prefetch=2, decode_threads=2)
     it = iter(reader)
