@@ -12,7 +12,7 @@ set's average, plus a few images several thousand pixels wide):
 
 Targets (issue 2): pipeline >= 2x naive per core, and >= 0.75x decode-only per core.
 
-Usage: ``python benchmarks/prepare_throughput.py [--images 400] [--repeat 8] [--large-every 25] [--cpus 2]``
+Usage: ``python benchmarks/prepare_throughput.py [--images 400] [--repeat 32] [--large-every 25] [--cpus 2]``
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--large-every", type=int, default=25, help="every N-th image is several thousand px wide")
-    parser.add_argument("--repeat", type=int, default=8, help="each image appears this many times (hard links)")
+    parser.add_argument("--repeat", type=int, default=32, help="each image appears this many times (hard links)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="Ray CPUs for the pipeline")
     parser.add_argument("--keep", help="write the corpus here and keep it")
     args = parser.parse_args()
