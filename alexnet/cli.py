@@ -117,6 +117,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"{result['split']}: top-1 error {result['top1_err']:.4f}, top-5 error {result['top5_err']:.4f} "
           f"({result['crops']} crop{'s' if result['crops'] > 1 else ''}, {result['images']} images; "
           f"paper, 1 CNN, 10 crops: {result['paper']['top1_err']:.3f} / {result['paper']['top5_err']:.3f})")
+    if args.tracking:
+        from alexnet.evaluate import log_evaluation
+
+        result["logged_to_mlflow_run"] = log_evaluation(result)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -219,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--limit", type=int, help="evaluate only this many images")
     e.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    e.add_argument("--no-tracking", dest="tracking", action="store_false",
+                   help="do not log to MLflow (default: log into the checkpoint's training run, MLFLOW_TRACKING_URI "
+                   "or sqlite:///mlflow.db)")
     e.set_defaults(handler=_evaluate)
 
     # synth

@@ -64,5 +64,29 @@ def evaluate_checkpoint(
         "data": data,
         "data_manifest_sha256": prepare.manifest_hash(data),
         "trained_on_manifest_sha256": state.get("data_manifest_sha256"),
+        "mlflow_run_id": state.get("mlflow_run_id"),
         "paper": PAPER_VAL_ERRORS,
     }
+
+
+def log_evaluation(result: dict[str, Any], *, tracking_uri: str | None = None, experiment: str = "alexnet") -> str:
+    """Record an evaluation in MLflow: as metrics of the training run that made the checkpoint when it is in
+    this store, else in a new run. Returns the run id."""
+    from alexnet.tracking import RunLogger, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    run_id = result.get("mlflow_run_id")
+    if run_id:
+        import mlflow
+
+        try:
+            mlflow.MlflowClient(uri).get_run(run_id)
+        except Exception:  # the checkpoint was trained against another store
+            run_id = None
+    logger = RunLogger(uri, experiment, run_name=f"evaluate-{result['split']}-{result['crops']}crop", run_id=run_id)
+    suffix = f"{result['split']}_{result['crops']}crop"
+    logger.log_metrics({f"eval_{suffix}_top1_err": result["top1_err"], f"eval_{suffix}_top5_err": result["top5_err"]},
+                       step=int(result["epoch"]))
+    logger.log_dict(result, f"evaluation_{suffix}.json")
+    logger.end()  # a reopened training run goes back to FINISHED
+    return logger.run_id

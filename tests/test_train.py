@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import sys
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 
@@ -92,8 +95,6 @@ def _config(data: str, tmp_path: Path, *overrides: str):
 
 @pytest.mark.slow
 def test_two_workers_learn_and_log_to_mlflow(train_data, tmp_path, ray_local):
-    import mlflow
-
     from alexnet.train import run_training
 
     cfg = _config(train_data, tmp_path, "train.epochs=3", "train.run_name=learn")
@@ -179,13 +180,51 @@ def test_evaluate_centre_and_ten_crops_from_the_cli(train_data, tmp_path, ray_lo
 
     result = run_training(_config(train_data, tmp_path, "train.epochs=1", "train.run_name=eval",
                                   "data.limit_train=64"), tracking=False)
-    errs = {}
+    store = f"sqlite:///{tmp_path / 'eval.db'}"
     for crops in (1, 10):
         out = subprocess.run([sys.executable, "-m", "alexnet.cli", "evaluate", "--checkpoint", result.checkpoint,
                               "--data", train_data, "--crops", str(crops), "--limit", "40"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+                             cwd=ROOT, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "MLFLOW_TRACKING_URI": store})
         assert out.returncode == 0, out.stderr[-2000:]
+        assert f"({crops} crop" in out.stdout and "top-1 error" in out.stdout
         payload = json.loads(out.stdout[out.stdout.index("{"):])
         assert payload["crops"] == crops and payload["images"] == 40
-        errs[crops] = payload["top1_err"]
         assert 0 <= payload["top5_err"] <= payload["top1_err"] <= 1
+        run = mlflow.MlflowClient(store).get_run(payload["logged_to_mlflow_run"])
+        assert run.data.metrics[f"eval_val_{crops}crop_top1_err"] == payload["top1_err"]
+
+
+@pytest.mark.slow
+def test_tracking_server(train_data, tmp_path, ray_local):
+    """The same training logs to an MLflow tracking server (not only to a local store)."""
+    import socket
+
+    from alexnet.train import run_training
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "artifacts"), "--workers", "1"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        cfg = _config(train_data, tmp_path, "train.epochs=1", "train.run_name=server", "data.limit_train=32",
+                      "data.limit_val=16", f"tracking.tracking_uri={uri}", "tracking.log_model=false")
+        result = run_training(cfg)
+        run = mlflow.MlflowClient(uri).get_run(result.mlflow_run_id)
+        assert run.info.status == "FINISHED" and "val_top1_err" in run.data.metrics
+        assert any(a.path == "curves.png" for a in mlflow.MlflowClient(uri).list_artifacts(result.mlflow_run_id))
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
