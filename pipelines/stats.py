@@ -3,7 +3,7 @@
 The paper subtracts "the mean activity over the training set from each pixel" (section 2) and adds multiples of
 the principal components of the RGB pixel values (section 4.1). Both need, over every pixel of every 256x256
 training image, only sums: the per-position sum (mean image), the per-channel sum and the 3x3 sum of products.
-Each Ray Data task returns those sums for its batch as exact integers (uint8 products summed in float64 are exact
+Each Ray Data task returns those sums for its shard as exact integers (uint8 products summed in float64 are exact
 below 2**53, then kept as int64), and the driver adds them up. The result is therefore exact and independent
 of the number of workers or the order of batches; the covariance is formed from the integer sums with Python's
 arbitrary-precision integers before the single division.
@@ -49,6 +49,22 @@ def partial_sums(batch: dict[str, np.ndarray], *, image_format: str, size: int) 
         "sum_rgb": np.rint(sum_rgb).astype(np.int64)[None],
         "sum_outer": np.rint(sum_outer).astype(np.int64)[None],
     }
+
+
+def shard_sums(task: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Exact sums over one Parquet shard, read a row group at a time (a Ray Data ``map`` function)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(task["uri"])
+    size = task["size"]
+    total = {"count": np.zeros(1, np.int64), "sum_image": np.zeros((1, size, size, 3), np.int64),
+             "sum_rgb": np.zeros((1, 3), np.int64), "sum_outer": np.zeros((1, 3, 3), np.int64)}
+    with fs.open_input_file(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=task["batch_size"], columns=["image"]):
+            blobs = np.array(batch.column("image").to_pylist(), dtype=object)
+            for key, value in partial_sums({"image": blobs}, image_format=task["image_format"], size=size).items():
+                total[key] += value
+    return {key: value[0] for key, value in total.items()}
 
 
 def finalize(count: int, sum_image: np.ndarray, sum_rgb: np.ndarray, sum_outer: np.ndarray) -> tuple[dict, np.ndarray]:
@@ -98,15 +114,13 @@ def compute_stats(
     uris = prepare.shard_uris(data, manifest, split)
     ensure_ray(ray_address)
 
-    fs, _ = storage.filesystem(data)
-    paths = [storage.filesystem(u)[1] for u in uris]
-    ds = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=len(paths)).select_columns(["image"])
-    sums = ds.map_batches(
-        partial_sums,
-        fn_kwargs={"image_format": image_format, "size": size},
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.TaskPoolStrategy(size=cpu_concurrency()),
+    # One task per shard: every shard is read exactly once, in parallel, a row group at a time.
+    tasks = [{"uri": u, "image_format": image_format, "size": size, "batch_size": batch_size} for u in uris]
+    sums = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map(
+        shard_sums,
+        num_cpus=1,
+        compute=ray.data.TaskPoolStrategy(size=cpu_concurrency(len(tasks))),
+        runtime_env=storage.worker_env(),
     )
     count = 0
     sum_image = np.zeros((size, size, 3), dtype=np.int64)
