@@ -1,0 +1,511 @@
+"""The Prefect flow ``alexnet`` (flows/alexnet_flow.py) and its deployments (prefect.yaml).
+
+Real Prefect throughout, no mocks: the in-process runs use ``prefect_test_harness`` (a temporary API with its own
+database), the deployment test a ``prefect server`` + process worker started here, the Ray test a ``ray start
+--head`` with token authentication on private ports and a private temp dir. Every subprocess gets its own
+``PREFECT_HOME``; every server, worker and Ray head started here is stopped (its process group) even on failure.
+About 6-7 minutes on 2 cores for the slow tests together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+#: A very small synthetic ImageNet (4 classes; 3 of its 64 files are undecodable on purpose, hence the 0.1 limit).
+TINY = {"classes": 4, "train_per_class": 12, "val_per_class": 4, "size": 200}
+TINY_PARAMS = {"synthetic": True, "synthetic_spec": TINY, "max_bad_fraction": 0.1, "shard_rows": 16}
+#: One short epoch.
+SHORT = ["train.epochs=1", "data.limit_train=48", "train.max_failures=0"]
+STAGE_RUNS = {"synthesize", "prepare", "stats", "evaluate"}
+
+
+# --- fast: the module, its helpers and prefect.yaml ---------------------------------------------------------------
+
+
+def test_flow_module_imports_without_torch_or_ray():
+    """A Prefect worker loads the flow module; the heavy libraries are imported by the stages that need them."""
+    code = "import sys, flows; print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_flow_parameters_are_typed():
+    from flows import alexnet_flow
+
+    schema = alexnet_flow.parameters.model_dump()
+    props = schema["properties"]
+    assert props["preset"]["default"] == "configs/smoke.yaml" and props["overrides"]["type"] == "array"
+    for name in ("raw_uri", "data_uri", "source_uri", "synthetic", "ray_address", "mlflow_tracking_uri",
+                 "max_bad_fraction", "results_dir", "refresh", "post_training"):
+        assert name in props, name
+    assert alexnet_flow.name == "alexnet"
+
+
+def test_paper_numbers_match_the_evaluate_module():
+    from alexnet.evaluate import PAPER_VAL_ERRORS
+    from flows.alexnet_flow import PAPER_1CNN_10CROP, results_table
+
+    assert PAPER_1CNN_10CROP == PAPER_VAL_ERRORS
+    table = results_table({1: {"images": 50, "top1_err": 0.5, "top5_err": 0.25},
+                           10: {"images": 50, "top1_err": 0.45, "top5_err": 0.2}}, preset="configs/paper.yaml")
+    assert table["crops"] == [1, 10, 10] and table["top1_err_pct"] == [50.0, 45.0, 40.7]
+    assert table["top5_err_pct"][-1] == 18.2
+
+
+def test_cache_keys_cover_inputs_and_upstream_data_but_not_where_stages_run():
+    from prefect.cache_policies import CompoundCachePolicy, Inputs
+
+    from flows.alexnet_flow import DatasetVersion, UriListing, evaluate, prepare, stats, train
+
+    for t, extra in ((prepare, UriListing), (stats, DatasetVersion), (train, DatasetVersion),
+                     (evaluate, DatasetVersion)):
+        policy = t.cache_policy
+        assert isinstance(policy, CompoundCachePolicy) and policy.key_storage is None, policy
+        (inputs,) = [p for p in policy.policies if isinstance(p, Inputs)]
+        assert {"ray_address", "job_env"} <= set(inputs.exclude)
+        (part,) = [p for p in policy.policies if isinstance(p, extra)]
+        assert part.key_storage is None  # records live with the results (results_dir), nowhere else
+        assert t.persist_result is True
+    (train_inputs,) = [p for p in train.cache_policy.policies if isinstance(p, Inputs)]
+    assert {"parent_run_id", "tags"} <= set(train_inputs.exclude)
+    assert [p for p in train.cache_policy.policies if isinstance(p, DatasetVersion)][0].stats is True
+
+
+def test_dataset_version_changes_with_the_manifest(tmp_path):
+    from flows.alexnet_flow import DatasetVersion
+
+    policy = DatasetVersion(parameter="data_uri")
+    missing = policy.compute_key(None, {"data_uri": str(tmp_path)}, {})
+    assert missing != policy.compute_key(None, {"data_uri": str(tmp_path)}, {})  # incomplete data: never a hit
+    (tmp_path / "manifest.json").write_text('{"a": 1}')
+    first = policy.compute_key(None, {"data_uri": str(tmp_path)}, {})
+    assert first == policy.compute_key(None, {"data_uri": str(tmp_path)}, {})
+    (tmp_path / "manifest.json").write_text('{"a": 2}')
+    assert policy.compute_key(None, {"data_uri": str(tmp_path)}, {}) != first
+
+
+def test_io_stages_retry_transient_errors_only():
+    from prefect.states import Failed
+
+    from flows.alexnet_flow import RayJobError, _worth_retrying
+    from pipelines.download import ChecksumError, DownloadError
+    from pipelines.prepare import PrepareError
+
+    def retried(exc: BaseException) -> bool:
+        return _worth_retrying(None, None, Failed(data=exc))
+
+    assert retried(ConnectionError("reset by peer")) and retried(TimeoutError())
+    assert retried(DownloadError("busy", status=503)) and not retried(DownloadError("gone", status=404))
+    assert not retried(ValueError("bad option")) and not retried(FileNotFoundError("no source"))
+    assert not retried(ChecksumError("md5")) and not retried(PrepareError("too many rejects"))
+    assert retried(RayJobError("supervisor died", transient=True)) and not retried(RayJobError("exit 2"))
+
+
+def test_resolved_config_travels_to_a_ray_job_exactly():
+    """The train job gets the resolved config as --set overrides; parsing them gives the same config back."""
+    from alexnet.config import load_config
+    from flows.alexnet_flow import _config_argv
+
+    cfg = load_config(ROOT / "configs" / "paper.yaml", ["data.data=s3://b/x", "train.step_epochs=[3,5]",
+                                                        "tracking.tracking_uri=http://mlflow:5000"])
+    argv = _config_argv(cfg.to_dict())
+    overrides = [argv[i + 1] for i in range(0, len(argv), 2)]
+    assert load_config(None, overrides).to_dict() == cfg.to_dict()
+
+
+def test_last_json_block_finds_the_cli_result_in_job_logs():
+    from flows.alexnet_flow import last_json_block
+
+    logs = "\n".join(["(pid=1) {not json", "val: top-1 error 0.5", json.dumps({"a": {"b": [1, 2]}}, indent=2),
+                      "(TrainController pid=2) done", json.dumps({"checkpoint": "/x", "n": 3}, indent=2), ""])
+    assert last_json_block(logs) == {"checkpoint": "/x", "n": 3}
+    with pytest.raises(ValueError):
+        last_json_block("no result here")
+
+
+def test_prefect_yaml_declares_one_deployment_per_preset():
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (pull,) = spec["pull"]
+    assert pull == {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $PWD }}"}}
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert set(deployments) == {"full-reproduction", "smoke"}
+    for d in deployments.values():
+        assert d["entrypoint"] == "flows/alexnet_flow.py:alexnet_flow"
+        assert d["work_pool"]["name"] == "alexnet-pool" and len(d["description"]) > 100
+        assert (ROOT / d["parameters"]["preset"]).exists()
+    assert deployments["full-reproduction"]["parameters"]["preset"] == "configs/paper.yaml"
+    assert deployments["full-reproduction"]["parameters"]["synthetic"] is False
+    assert deployments["smoke"]["parameters"]["synthetic"] is True
+    from alexnet.config import load_config
+
+    load_config(ROOT / "configs" / "smoke.yaml", deployments["smoke"]["parameters"]["overrides"])  # valid overrides
+
+
+# --- slow: the flow in this process ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flow_runs(ray_local, tmp_path_factory):
+    """A flow run whose train stage fails (batch 3 on 2 workers), then the corrected rerun, against a temporary
+    Prefect API; returns both states, the rerun's task runs and the paths used."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows import alexnet_flow
+
+    tmp = tmp_path_factory.mktemp("flow")
+    common = dict(raw_uri=str(tmp / "raw"), data_uri=str(tmp / "prepared"),
+                  mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", results_dir=str(tmp / "results"),
+                  **TINY_PARAMS)
+    base = [*SHORT, f"train.storage_path={tmp / 'ray'}", "train.run_name=flow-test"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RAY_ADDRESS", raising=False)
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the harness's server inherits it
+        with prefect_test_harness(server_startup_timeout=120):
+            started = time.perf_counter()
+            failed = alexnet_flow(overrides=[*base, "train.batch_size=3"], return_state=True, **common)
+            failed_s = time.perf_counter() - started
+            started = time.perf_counter()
+            rerun = alexnet_flow(overrides=[*base, "tracking.registered_model=alexnet-test"], return_state=True,
+                                 **common)
+            rerun_s = time.perf_counter() - started
+            with get_client(sync_client=True) as client:
+                task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[rerun.state_details.flow_run_id])))
+    print(f"failed run {failed_s:.0f} s, corrected rerun {rerun_s:.0f} s")
+    return {"failed": failed, "rerun": rerun, "task_runs": task_runs, "tmp": tmp,
+            "tracking_uri": common["mlflow_tracking_uri"]}
+
+
+@pytest.mark.slow
+def test_failed_stage_is_named_and_the_rerun_skips_completed_stages(flow_runs):
+    failed, rerun = flow_runs["failed"], flow_runs["rerun"]
+    assert failed.is_failed()
+    assert "stage 'train' failed" in failed.message and "not divisible by 2 workers" in failed.message
+    assert rerun.is_completed(), rerun.message
+    states = {t.name.split("-")[0]: t.state.name for t in flow_runs["task_runs"] if not t.name.startswith("evaluate")}
+    assert states["synthesize"] == states["prepare"] == states["stats"] == "Cached", states
+    assert states["train"] == "Completed", states
+    summary = rerun.result()
+    assert {k: v["state"] for k, v in summary["stages"].items()} == {
+        "synthesize": "Cached", "prepare": "Cached", "stats": "Cached", "train": "Completed",
+        "evaluate": "Completed", "register": "Completed", "report": "Completed"}
+    # run_smoke's summary content, and the paper's numbers next to ours
+    assert summary["splits"]["train"]["rows"] == 46 and summary["splits"]["val"]["rows"] == 15
+    assert len(summary["rejects"]) == 3 and len(summary["eigval"]) == 3
+    assert set(summary["val_error"]) == {"1 crop", "10 crops"} and summary["chance_top1_error"] == 0.75
+    assert summary["paper_val_error"]["10 crops"] == {"top1": 0.407, "top5": 0.182}
+    assert summary["train"]["epochs"] == 1 and Path(summary["train"]["checkpoint"]).exists()
+    assert summary["registered_model"]["name"] == "alexnet-test" and summary["registered_model"]["alias"] == "champion"
+    assert "make mlflow-ui" in summary["mlflow"]["ui"]
+
+
+@pytest.mark.slow
+def test_mlflow_holds_the_parent_run_a_child_per_stage_and_the_results_table(flow_runs):
+    import mlflow
+
+    summary = flow_runs["rerun"].result()
+    client = mlflow.MlflowClient(flow_runs["tracking_uri"])
+    parent = client.get_run(summary["mlflow"]["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    tags = parent.data.tags
+    assert tags["prefect.flow_run_id"] == str(flow_runs["rerun"].state_details.flow_run_id)
+    assert len(tags["git_commit"]) >= 7 and tags["git_commit"] != "unknown"
+    assert tags["data_manifest_sha256"] == summary["data_manifest_sha256"] and len(tags["data_manifest_sha256"]) == 64
+    assert tags["stats_sha256"] == summary["stats_sha256"] and len(tags["stats_sha256"]) == 64
+    for crops, name in ((1, "1 crop"), (10, "10 crops")):
+        for k in ("top1", "top5"):
+            assert parent.data.metrics[f"val_{k}_err_{crops}crop"] == pytest.approx(summary["val_error"][name][k],
+                                                                                    abs=1e-4)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.json", "results.md", "results.csv", "results_table.json", "summary.json"} <= artifacts
+    results = json.loads(Path(client.download_artifacts(parent.info.run_id, "results.json")).read_text())
+    assert [r["crops"] for r in results["results"]] == [1, 10, 10]
+    assert results["results"][-1]["top1_err_pct"] == 40.7 and results["results"][-1]["top5_err_pct"] == 18.2
+    markdown = Path(client.download_artifacts(parent.info.run_id, "results.md")).read_text()
+    assert "paper, 1 CNN" in markdown and "40.7" in markdown
+
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_stage = {r.data.tags["alexnet.stage"]: r for r in children}
+    assert set(by_stage) == STAGE_RUNS | {"train", "register"}, sorted(by_stage)
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert by_stage["prepare"].data.tags["alexnet.cached"] == "true"
+    training = by_stage["train"]  # the training run itself, made by rank 0 of run_training
+    assert training.info.run_id == summary["mlflow"]["run_id"]
+    assert training.data.tags["prefect.flow_run_id"] == tags["prefect.flow_run_id"]
+    assert "val_top1_err" in training.data.metrics and "eval_val_10crop_top1_err" in training.data.metrics
+    assert "val_top5_err_10crop" in by_stage["evaluate"].data.metrics
+    version = client.get_model_version_by_alias("alexnet-test", "champion")
+    assert version.run_id == training.info.run_id and version.tags["prefect.flow_run_id"] == tags["prefect.flow_run_id"]
+
+    # the failed run: its parent and its train child are FAILED, with the cause
+    failed_parent = client.search_runs([parent.info.experiment_id], filter_string=(
+        f"tags.`prefect.flow_run_id` = '{flow_runs['failed'].state_details.flow_run_id}'"))
+    (failed_parent,) = [r for r in failed_parent if "mlflow.parentRunId" not in r.data.tags]
+    assert failed_parent.info.status == "FAILED" and "stage 'train' failed" in failed_parent.data.tags["alexnet.error"]
+
+
+# --- helpers for servers ---------------------------------------------------------------------------------------------
+
+
+def _free_ports(n: int) -> list[int]:
+    """Distinct free loopback ports above Ray's default worker port range (10002-19999)."""
+    ports: set[int] = set()
+    while len(ports) < n:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port > 20000:
+            ports.add(port)
+    return sorted(ports)
+
+
+def _isolated_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """This environment without Prefect, Ray and MLflow settings, with a private PREFECT_HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_", "MLFLOW_"))}
+    (tmp / "prefect-home").mkdir(parents=True, exist_ok=True)
+    env.update(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen | None, timeout: float = 30) -> None:
+    """SIGTERM the process group (the process first, so it can shut its children down), then SIGKILL."""
+    if proc is None:
+        return
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        pgid = None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    if pgid is not None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(2)
+
+
+def _wait_http(url: str, timeout: float, *, proc: subprocess.Popen, log: Path, token: str | None = None,
+               expect: bytes | None = None) -> None:
+    deadline = time.time() + timeout
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[:3]} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            body = urllib.request.urlopen(request, timeout=5).read()
+            if expect is None or body.strip() == expect:
+                return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs)
+    assert out.returncode == 0, f"{cmd[:4]} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    return out
+
+
+def _mlflow_children(tracking_uri: str, parent_run_id: str) -> dict[str, object]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {"parent": parent, **{r.data.tags.get("alexnet.stage", r.info.run_name): r for r in children}}
+
+
+# --- slow: a Prefect server, a process worker and the smoke deployment --------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_smoke_deployment_runs_on_a_prefect_server_and_worker(tmp_path):
+    """prefect server + `prefect deploy --all` (prefect.yaml) + a process worker on alexnet-pool: the smoke
+    deployment, shortened with --param, ends Completed and leaves its MLflow lineage in the worker's store."""
+    port, health = _free_ports(2)
+    api = f"http://127.0.0.1:{port}/api"
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    server_env = _isolated_env(tmp_path)
+    client_env = _isolated_env(tmp_path, PREFECT_API_URL=api, PWD=str(ROOT))
+    server = worker = None
+    try:
+        server = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                         "--no-background"], server_env, tmp_path / "server.log")
+        _wait_http(f"{api}/health", 180, proc=server, log=tmp_path / "server.log", expect=b"true")
+        _run([str(BIN / "prefect"), "work-pool", "create", "alexnet-pool", "--type", "process"], client_env, 120)
+        deployed = _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], client_env, 300)
+        assert "alexnet/smoke" in deployed.stdout and "alexnet/full-reproduction" in deployed.stdout, deployed.stdout
+
+        inspect = _run([str(BIN / "prefect"), "deployment", "inspect", "alexnet/smoke"], client_env, 60)
+        assert str(ROOT) in inspect.stdout and "set_working_directory" in inspect.stdout  # {{ $PWD }} resolved
+
+        worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "alexnet-pool", "--type", "process",
+                         "--install-policy", "never", "--with-healthcheck"],
+                        {**client_env, "MLFLOW_TRACKING_URI": tracking_uri,
+                         "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1", "PREFECT_WORKER_WEBSERVER_PORT": str(health)},
+                        tmp_path / "worker.log")
+        params = {"raw_uri": str(tmp_path / "raw"), "data_uri": str(tmp_path / "prepared"),
+                  "results_dir": str(tmp_path / "results"), "crops": [1], **TINY_PARAMS,
+                  "overrides": ["tracking.registered_model=alexnet-smoke", f"train.storage_path={tmp_path / 'ray'}",
+                                *SHORT]}
+        cmd = [str(BIN / "prefect"), "deployment", "run", "alexnet/smoke", "--watch", "--watch-timeout", "480"]
+        for k, v in params.items():
+            cmd += ["--param", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+        started = time.perf_counter()
+        ran = subprocess.run(cmd, env=client_env, cwd=ROOT, capture_output=True, text=True, timeout=540)
+        print(f"deployment run: {time.perf_counter() - started:.0f} s")
+        output = ran.stdout + ran.stderr
+        worker_log = (tmp_path / "worker.log").read_text()
+        assert ran.returncode == 0 and "Completed" in output, output[-3000:] + worker_log[-6000:]
+    finally:
+        _stop(worker)
+        _stop(server)
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("alexnet-smoke").experiment_id])
+                 if r.info.run_name.startswith("flow-")]
+    runs = _mlflow_children(tracking_uri, parent.info.run_id)
+    assert runs["parent"].data.tags["prefect.deployment"] == "smoke"
+    assert set(runs) >= {"parent", "synthesize", "prepare", "stats", "train", "evaluate", "register"}
+    assert "val_top1_err_1crop" in runs["parent"].data.metrics and "val_top1_err" in runs["train"].data.metrics
+    assert client.get_model_version_by_alias("alexnet-smoke", "champion").run_id == runs["train"].info.run_id
+
+
+# --- slow: the heavy stages as Ray jobs on a token-authenticated Ray head -------------------------------------------
+
+_FLOW_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from flows import alexnet_flow
+    summary = alexnet_flow(**json.loads(sys.argv[1]))
+    open(sys.argv[2], "w").write(json.dumps(summary, default=str))
+""")
+
+_FAILING_JOB = textwrap.dedent("""
+    import sys
+    from flows.alexnet_flow import RayJobError, run_ray_job
+    try:
+        run_ray_job(sys.argv[1], "doomed", ["-c", "import sys; print('the cause, in the job'); sys.exit(3)"])
+    except RayJobError as e:
+        print("RAISED", str(e).replace(chr(10), " | "), "TRANSIENT", e.transient)
+""")
+
+_LIST_JOBS = textwrap.dedent("""
+    import json, sys
+    from flows.alexnet_flow import _job_client
+    jobs = _job_client(sys.argv[1]).list_jobs()  # a GCS address works too: the client asks the GCS for the dashboard
+    print(json.dumps([{"id": j.submission_id, "entrypoint": j.entrypoint, "status": str(j.status.value),
+                       "metadata": j.metadata} for j in jobs]))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_heavy_stages_run_as_ray_jobs_on_a_token_authenticated_head(tmp_path):
+    """With ray_address the flow submits prepare, stats, train and evaluate as Ray jobs (the CLI, with the repository
+    as working_dir) to a `ray start --head` cluster with token auth; the training run joins the flow's lineage."""
+    gcs, dashboard, client_port, agent = _free_ports(4)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="alexnet-rt-", dir="/tmp"))  # short: Ray's socket paths live here
+    token = secrets.token_hex(32)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = _isolated_env(tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    address = f"http://127.0.0.1:{dashboard}"
+    head = None
+    try:
+        head = _start([str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+                       "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--num-cpus", "2",
+                       "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                       "--dashboard-port", str(dashboard),
+                       "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent),
+                       "--temp-dir", str(ray_tmp)], env, tmp_path / "ray-head.log")
+        _wait_http(f"{address}/api/version", 180, proc=head, log=tmp_path / "ray-head.log", token=token)
+        with pytest.raises(urllib.error.HTTPError):  # token auth is on
+            urllib.request.urlopen(f"{address}/api/version", timeout=10)
+
+        params = {"raw_uri": str(tmp_path / "raw"), "data_uri": str(tmp_path / "prepared"),
+                  "results_dir": str(tmp_path / "results"), "ray_address": address, "crops": [1, 10],
+                  "mlflow_tracking_uri": tracking_uri, **TINY_PARAMS,
+                  "overrides": [f"train.storage_path={tmp_path / 'ray'}", *SHORT]}
+        started = time.perf_counter()
+        ran = _run([sys.executable, "-c", _FLOW_SCRIPT, json.dumps(params), str(tmp_path / "summary.json")], env, 480)
+        (tmp_path / "flow.log").write_text(ran.stdout + ran.stderr)
+        print(f"flow with Ray jobs: {time.perf_counter() - started:.0f} s")
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        listed = _run([sys.executable, "-c", _LIST_JOBS, f"127.0.0.1:{gcs}"], env, 120)
+        jobs = json.loads(listed.stdout.strip().splitlines()[-1])
+        doomed = _run([sys.executable, "-c", _FAILING_JOB, address], env, 120).stdout
+
+        # The README's way: `ray job submit` of the smoke training, by hand (absolute paths: the job runs in a copy
+        # of the working dir).
+        started = time.perf_counter()
+        submitted = _run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                          "python", "-m", "alexnet.train", "--config", "configs/smoke.yaml",
+                          "--data", str(tmp_path / "prepared"), "--no-tracking", "--set", "train.run_name=cli-job",
+                          "--set", f"train.storage_path={tmp_path / 'ray-cli'}",
+                          *[a for o in SHORT for a in ("--set", o)]], env, 300)
+        print(f"ray job submit: {time.perf_counter() - started:.0f} s")
+    finally:
+        _stop(head, timeout=60)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    by_stage = {j["metadata"].get("alexnet_stage"): j for j in jobs}
+    assert set(by_stage) == {"prepare", "stats", "train", "evaluate-1crop", "evaluate-10crop"}, jobs
+    assert all(j["status"] == "SUCCEEDED" for j in jobs), jobs
+    assert "-m alexnet.cli prepare imagenet" in by_stage["prepare"]["entrypoint"]
+    assert "-m alexnet.cli stats" in by_stage["stats"]["entrypoint"]
+    assert "-m alexnet.train" in by_stage["train"]["entrypoint"]
+    assert all(j["metadata"]["prefect_flow_run_id"] == summary["prefect"]["flow_run_id"] for j in jobs)
+    assert summary["stages"]["train"]["state"] == "Completed" and set(summary["val_error"]) == {"1 crop", "10 crops"}
+
+    assert "RAISED" in doomed and "ended FAILED" in doomed and "the cause, in the job" in doomed, doomed
+    assert "TRANSIENT False" in doomed  # the entrypoint failed: a retry would fail the same way
+    assert "succeeded" in submitted.stdout and '"checkpoint":' in submitted.stdout, submitted.stdout[-3000:]
+    assert (tmp_path / "ray-cli" / "cli-job").is_dir()
+    flow_log = (tmp_path / "flow.log").read_text()
+    assert f"[{by_stage['train']['id']}]" in flow_log and "epoch 1/1" in flow_log  # job logs relayed to Prefect
+
+    runs = _mlflow_children(tracking_uri, summary["mlflow"]["parent_run_id"])
+    assert runs["train"].info.run_id == summary["mlflow"]["run_id"]  # made by the job, adopted by the flow
+    assert runs["train"].data.tags["git_commit"] == runs["parent"].data.tags["git_commit"] != "unknown"
+    assert "val_top1_err" in runs["train"].data.metrics
