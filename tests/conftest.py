@@ -40,10 +40,16 @@ def synth_root(tmp_path_factory) -> Path:
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """Distinct free loopback ports above Ray's default worker port range (10002-19999)."""
+    ports: set[int] = set()
+    while len(ports) < n:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port > 20000:
+            ports.add(port)
+    return sorted(ports)
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +57,7 @@ def s3_endpoint():
     """A moto S3 server on loopback; AWS_* variables point at it for the whole session."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    (port,) = free_ports(1)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

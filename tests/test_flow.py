@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -270,18 +271,6 @@ def test_mlflow_holds_the_parent_run_a_child_per_stage_and_the_results_table(flo
 # --- helpers for servers ---------------------------------------------------------------------------------------------
 
 
-def _free_ports(n: int) -> list[int]:
-    """Distinct free loopback ports above Ray's default worker port range (10002-19999)."""
-    ports: set[int] = set()
-    while len(ports) < n:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port > 20000:
-            ports.add(port)
-    return sorted(ports)
-
-
 def _isolated_env(tmp: Path, **extra: str) -> dict[str, str]:
     """This environment without Prefect, Ray and MLflow settings, with a private PREFECT_HOME."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_", "MLFLOW_"))}
@@ -362,7 +351,7 @@ def _mlflow_children(tracking_uri: str, parent_run_id: str) -> dict[str, object]
 def test_smoke_deployment_runs_on_a_prefect_server_and_worker(tmp_path):
     """prefect server + `prefect deploy --all` (prefect.yaml) + a process worker on alexnet-pool: the smoke
     deployment, shortened with --param, ends Completed and leaves its MLflow lineage in the worker's store."""
-    port, health = _free_ports(2)
+    port, health = free_ports(2)
     api = f"http://127.0.0.1:{port}/api"
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     server_env = _isolated_env(tmp_path)
@@ -445,7 +434,7 @@ _LIST_JOBS = textwrap.dedent("""
 def test_heavy_stages_run_as_ray_jobs_on_a_token_authenticated_head(tmp_path):
     """With ray_address the flow submits prepare, stats, train and evaluate as Ray jobs (the CLI, with the repository
     as working_dir) to a `ray start --head` cluster with token auth; the training run joins the flow's lineage."""
-    gcs, dashboard, client_port, agent = _free_ports(4)
+    gcs, dashboard, client_port, agent = free_ports(4)
     ray_tmp = Path(tempfile.mkdtemp(prefix="alexnet-rt-", dir="/tmp"))  # short: Ray's socket paths live here
     token = secrets.token_hex(32)
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import free_ports
+
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 CLUSTER = INFRA / "ray" / "cluster-aws.yaml"
@@ -307,18 +309,6 @@ def test_stack_script_usage(tmp_path):
         assert f"{service}: stopped" in status.stdout
 
 
-def _free_ports(n: int) -> list[int]:
-    """Distinct free loopback ports above Ray's default worker port range (10002-19999)."""
-    ports: set[int] = set()
-    while len(ports) < n:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port > 20000:
-            ports.add(port)
-    return sorted(ports)
-
-
 def _http_status(url: str, token: str | None = None) -> int:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
@@ -358,7 +348,7 @@ def test_local_stack_start_status_stop(tmp_path):
     stack_dir = tmp_path / "stack"
     ray_tmp = Path(tempfile.mkdtemp(prefix="alexnet-ray-test-", dir="/tmp"))  # short: Ray's socket paths live here
     token_file = tmp_path / "ray_auth_token"
-    prefect, worker, mlflow_port, gcs, dashboard, client, agent = _free_ports(7)
+    prefect, worker, mlflow_port, gcs, dashboard, client, agent = free_ports(7)
     env = _stack_env(
         STACK_PREFECT_PORT=str(prefect), STACK_WORKER_HEALTH_PORT=str(worker), STACK_MLFLOW_PORT=str(mlflow_port),
         STACK_RAY_PORT=str(gcs), STACK_RAY_DASHBOARD_PORT=str(dashboard), STACK_RAY_CLIENT_PORT=str(client),

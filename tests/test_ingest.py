@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import shutil
 import tarfile
-from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -75,7 +74,6 @@ def test_quirks_are_decoded_and_bad_files_listed(prepared, synth_root):
             row = keys.index(key)
             pixels = imaging.decode_stored(table["image"][row].as_py())
             assert pixels.shape == (256, 256, 3), (kind, key)
-    # a CMYK source keeps its colours: compare with its class's normal images (not inverted, not garbage)
     rejected = {r["key"]: r for r in manifest["rejects"]}
     assert set(rejected) == set(info.bad)
     for key, kind in info.bad.items():

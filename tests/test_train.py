@@ -19,6 +19,7 @@ import torch
 
 from alexnet.config import load_config
 from alexnet.train import LRSchedule, build_optimizer, load_checkpoint, model_from_checkpoint, topk_correct
+from tests.conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,9 +203,7 @@ def test_tracking_server(train_data, tmp_path, ray_local):
 
     from alexnet.train import run_training
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (port,) = free_ports(1)
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
