@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import math
-import os
 import random
 import sys
 import tempfile
@@ -414,10 +413,6 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
-def _absolute(uri: str) -> str:
-    return uri if "://" in uri else os.path.abspath(uri)
-
-
 def run_training(cfg: Config, *, ray_address: str | None = None, tracking: bool = True,
                  parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> TrainResult:
     """Train with Ray Train as ``cfg`` says; rerunning the same ``train.run_name`` resumes it."""
@@ -430,11 +425,11 @@ def run_training(cfg: Config, *, ray_address: str | None = None, tracking: bool 
 
     if not cfg.data.data:
         raise ValueError("no dataset: pass --data URI (a folder or s3:// prefix written by `alexnet prepare`)")
-    cfg.data.data = _absolute(cfg.data.data)
+    cfg.data.data = storage.absolute(cfg.data.data)
     prepare.load_manifest(cfg.data.data)  # fail here, clearly, rather than in every worker
     ensure_ray(ray_address)
 
-    storage_path = _absolute(cfg.train.storage_path)
+    storage_path = storage.absolute(cfg.train.storage_path)
     storage_filesystem = None
     if storage.is_s3(storage_path):
         storage_filesystem, storage_path = storage.filesystem(storage_path)

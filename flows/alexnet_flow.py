@@ -114,10 +114,6 @@ class SyntheticImageNet(BaseModel):
 # --- cache keys ------------------------------------------------------------------------------------------------------
 
 
-def _absolute(uri: str) -> str:
-    return uri if "://" in uri else os.path.abspath(uri)
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -716,12 +712,12 @@ def alexnet_flow(
     if unknown or not set(crops) <= {1, 10} or not crops:
         raise ValueError(f"post_training must name stages of {sorted(POST_TRAINING_STAGES)} (not {unknown}); "
                          f"crops must be 1 and/or 10 (not {crops})")
-    raw_uri, data_uri = _absolute(raw_uri), _absolute(data_uri)
+    raw_uri, data_uri = storage.absolute(raw_uri), storage.absolute(data_uri)
     ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
 
     # The config is resolved once, up front: a bad preset or override fails here, before any work.
     cfg = load_config(preset, [*overrides, f"data.data={data_uri}"])
-    cfg.train.storage_path = _absolute(cfg.train.storage_path)
+    cfg.train.storage_path = storage.absolute(cfg.train.storage_path)
     cfg.tracking.tracking_uri = tracking_uri = resolve_tracking_uri(mlflow_tracking_uri or cfg.tracking.tracking_uri
                                                                     or None)
     config = cfg.to_dict()
@@ -729,7 +725,7 @@ def alexnet_flow(
 
     options: dict[str, Any] = {}
     if results_dir:
-        options["result_storage"] = Path(_absolute(results_dir))
+        options["result_storage"] = Path(storage.absolute(results_dir))
 
     def task_with(t, stage: str, missing: bool = False):
         return t.with_options(refresh_cache=_refresh(stage, refresh, missing), **options)

@@ -79,6 +79,11 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
+def absolute(uri: str) -> str:
+    """A URI with a local path made absolute (Ray workers and jobs do not share the caller's working directory)."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def join(base: str, *parts: str) -> str:
     """Join path parts onto a URI (local or s3://) with forward slashes."""
     if is_s3(base):
