@@ -362,7 +362,9 @@ Clients:
   export MLFLOW_TRACKING_URI=$MLFLOW_URI
   export RAY_ADDRESS=$DASHBOARD RAY_AUTH_MODE=token   # jobs: ray job submit/status/logs
   $token_hint
-  ray job submit --working-dir . -- python -m alexnet.train --config configs/smoke.yaml --data runs/smoke/prepared
+  # the job runs in an uploaded copy of the repository: give it absolute paths (runs/ is not uploaded)
+  ray job submit --working-dir . -- python -m alexnet.train --config configs/smoke.yaml \\
+      --data $ROOT/runs/smoke/prepared --set train.storage_path=$ROOT/runs/ray
   # drivers (ray.init, alexnet ... --ray-address): RAY_ADDRESS=$HOST:$RAY_PORT with the same RAY_AUTH_* variables
 Stop with: infra/local/stack.sh stop${DIR:+ --dir $DIR}
 EOF
