@@ -60,17 +60,34 @@ class UnsafeArchiveError(IngestError):
     """An archive member with an absolute or parent-relative name, or a link: refused, never read."""
 
 
+#: How ImageNet labels are numbered (the manifest's ``label_convention``).
+IMAGENET_LABELS = "index of the wnid in sorted wnid order (torchvision/Kaggle/Caffe)"
+
+
 @dataclass
 class SourceIndex:
-    """Everything the preprocessing needs to know about a source dataset."""
+    """Everything the preprocessing needs to know about a source dataset.
+
+    ImageNet fills the first fields only. Other datasets (``pipelines.transfer_data``) name themselves, their
+    splits, and any per-image columns beyond ``INDEX_SCHEMA`` that ``table`` carries into the shards as they are
+    (VOC's ``labels`` and ``difficult``).
+    """
 
     layout: str
     source: str
-    wnids: list[str]  # sorted; label = position
+    wnids: list[str]  # class names; label = position
     words: dict[str, str] = field(default_factory=dict)
     table: pa.Table = field(default_factory=lambda: INDEX_SCHEMA.empty_table())
     #: files the index was built from, with their sizes, to tell whether a cached index is still valid
     files: dict[str, int] = field(default_factory=dict)
+    dataset: str = "imagenet"
+    #: the splits of the prepared dataset, in manifest order; each may be empty
+    splits: tuple[str, ...] = SPLITS
+    #: columns of ``table`` after ``INDEX_SCHEMA``, copied into every shard
+    extra_fields: tuple[pa.Field, ...] = ()
+    #: several classes per image (``labels``), ``label`` being the first of them
+    multi_label: bool = False
+    label_convention: str = IMAGENET_LABELS
 
     def split(self, name: str) -> pa.Table:
         import pyarrow.compute as pc
@@ -137,24 +154,30 @@ def _block_size(uri: str, *, headers_only: bool) -> int:
     return 64 << 10 if headers_only else 8 << 20
 
 
-def _check_member(archive: str, member: tarfile.TarInfo) -> None:
-    name = member.name
+_NOT_OFFICIAL = "The archive is not an official distribution file: re-download it and check its MD5."
+
+
+def check_member(archive: str, name: str, *, link_or_device: bool = False) -> None:
+    """Refuse an archive member (tar or zip) with an absolute or parent-relative name, or a link/device member."""
     parts = name.replace("\\", "/").split("/")
     if name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":"):
         raise UnsafeArchiveError(
-            f"{archive}: refusing unsafe member name {name!r} (absolute or containing '..'). "
-            "The archive is not an official distribution file: re-download it and check its MD5."
+            f"{archive}: refusing unsafe member name {name!r} (absolute or containing '..'). {_NOT_OFFICIAL}"
         )
-    if member.issym() or member.islnk() or member.isdev():
-        raise UnsafeArchiveError(
-            f"{archive}: refusing link or device member {name!r}. "
-            "The archive is not an official distribution file: re-download it and check its MD5."
-        )
+    if link_or_device:
+        raise UnsafeArchiveError(f"{archive}: refusing link or device member {name!r}. {_NOT_OFFICIAL}")
 
 
-def iter_tar(uri: str, *, start: int = 0, length: int | None = None, headers_only: bool = False):
+def _check_member(archive: str, member: tarfile.TarInfo) -> None:
+    check_member(archive, member.name, link_or_device=member.issym() or member.islnk() or member.isdev())
+
+
+def iter_tar(uri: str, *, start: int = 0, length: int | None = None, headers_only: bool = False,
+             archive: str | None = None):
     """Yield ``(name, absolute_offset, size)`` of the regular files of the tar at ``uri`` (or at a byte range of
-    it, for a tar inside a tar), validating every member name."""
+    it, for a tar inside a tar), validating every member name. Errors name ``archive`` (default ``uri``): the
+    file the user has, where ``uri`` is a decompressed copy of it."""
+    archive = archive or uri
     fs, path = storage.filesystem(uri)
     with fs.open_input_file(path) as f:
         total = f.size() if length is None else length
@@ -162,11 +185,11 @@ def iter_tar(uri: str, *, start: int = 0, length: int | None = None, headers_onl
         try:
             with tarfile.open(fileobj=reader, mode="r:") as tar:
                 for member in tar:
-                    _check_member(uri, member)
+                    _check_member(archive, member)
                     if member.isfile():
                         yield member.name, start + member.offset_data, member.size
         except tarfile.ReadError as e:
-            raise IngestError(f"{uri}: not a readable tar archive ({e}); re-download it and check its MD5") from None
+            raise IngestError(f"{archive}: not a readable tar archive ({e}); re-download it and check its MD5") from None
 
 
 # --- layout detection -------------------------------------------------------------------------------------------
@@ -249,10 +272,11 @@ def _index_inner_tar(train_tar: str, name: str, offset: int, size: int, labels: 
     for member, moff, msize in iter_tar(train_tar, start=offset, length=size):
         key = posixpath.splitext(posixpath.basename(member))[0]
         rows.append(("train", key, wnid, labels[wnid], train_tar, moff, msize))
-    return _table(rows)
+    return rows_table(rows)
 
 
-def _table(rows: list[tuple]) -> pa.Table:
+def rows_table(rows: list[tuple]) -> pa.Table:
+    """An index table from ``(split, key, wnid, label, uri, offset, size)`` tuples."""
     columns = list(zip(*rows)) if rows else [[] for _ in INDEX_SCHEMA]
     return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, INDEX_SCHEMA)], schema=INDEX_SCHEMA)
 
@@ -269,11 +293,11 @@ def index_official(source: str, *, parallel: bool = True) -> SourceIndex:
     devkit = read_devkit(devkit_uri)
     labels = {w: i for i, w in enumerate(devkit.wnids)}
     tables, files = [], {}
-    files[devkit_uri] = _size(devkit_uri)
+    files[devkit_uri] = file_size(devkit_uri)
 
     train_tar = storage.join(source, formats.IMAGENET_TRAIN_TAR)
     if storage.exists(train_tar):
-        files[train_tar] = _size(train_tar)
+        files[train_tar] = file_size(train_tar)
         inner = list(iter_tar(train_tar, headers_only=True))
         log.info("indexing %d class archives in %s", len(inner), train_tar)
         if parallel and len(inner) > 1:
@@ -286,7 +310,7 @@ def index_official(source: str, *, parallel: bool = True) -> SourceIndex:
 
     val_tar = storage.join(source, formats.IMAGENET_VAL_TAR)
     if storage.exists(val_tar):
-        files[val_tar] = _size(val_tar)
+        files[val_tar] = file_size(val_tar)
         rows = []
         for name, off, size in iter_tar(val_tar):
             key = posixpath.splitext(posixpath.basename(name))[0]
@@ -297,16 +321,18 @@ def index_official(source: str, *, parallel: bool = True) -> SourceIndex:
             if wnid is None:
                 raise IngestError(f"{devkit_uri}: ground truth of {key} is not a leaf ILSVRC2012_ID")
             rows.append(("val", key, wnid, labels[wnid], val_tar, off, size))
-        tables.append(_table(rows))
-    return SourceIndex("official", source, devkit.wnids, devkit.words, _concat(tables), files)
+        tables.append(rows_table(rows))
+    return SourceIndex("official", source, devkit.wnids, devkit.words, concat_index(tables), files)
 
 
-def _size(uri: str) -> int:
+def file_size(uri: str) -> int:
+    """Size in bytes of a local or S3 file."""
     fs, path = storage.filesystem(uri)
     return fs.get_file_info(path).size
 
 
-def _concat(tables: list[pa.Table]) -> pa.Table:
+def concat_index(tables: list[pa.Table]) -> pa.Table:
+    """One index table, rows ordered by split and key."""
     table = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
     return table.sort_by([("split", "ascending"), ("key", "ascending")])
 
@@ -314,11 +340,13 @@ def _concat(tables: list[pa.Table]) -> pa.Table:
 # --- folder layouts ---------------------------------------------------------------------------------------------
 
 
-def _is_image(path: str) -> bool:
+def is_image(path: str) -> bool:
+    """Whether a file name has an image ending (``formats.IMAGE_SUFFIXES``)."""
     return path.lower().endswith(formats.IMAGE_SUFFIXES)
 
 
-def _key(path: str) -> str:
+def image_key(path: str) -> str:
+    """The file name without folder and extension: the ``key`` of an image."""
     return posixpath.splitext(posixpath.basename(path))[0]
 
 
@@ -326,7 +354,7 @@ def _class_folder_rows(split: str, root: str, labels: dict[str, int], files: lis
     rows = []
     for rel, size in files:
         rel = rel.replace("\\", "/")
-        if not _is_image(rel):
+        if not is_image(rel):
             continue
         parts = rel.split("/")
         if len(parts) != 2:
@@ -334,7 +362,7 @@ def _class_folder_rows(split: str, root: str, labels: dict[str, int], files: lis
         wnid = parts[0]
         if wnid not in labels:
             raise IngestError(f"{storage.join(root, rel)}: class folder {wnid!r} is not one of the training classes")
-        rows.append((split, _key(rel), wnid, labels[wnid], storage.join(root, rel), 0, size))
+        rows.append((split, image_key(rel), wnid, labels[wnid], storage.join(root, rel), 0, size))
     return rows
 
 
@@ -360,14 +388,14 @@ def index_kaggle(source: str) -> SourceIndex:
         for rec in csv.DictReader(io.StringIO(storage.read_bytes(solution_uri).decode())):
             truth[rec["ImageId"]] = rec["PredictionString"].split()[0]
         for rel, size in val_files:
-            if not _is_image(rel):
+            if not is_image(rel):
                 continue
-            key = _key(rel)
+            key = image_key(rel)
             wnid = truth.get(key)
             if wnid is None:
                 raise IngestError(f"{solution_uri}: no label for {key}")
             rows.append(("val", key, wnid, labels[wnid], storage.join(val_root, rel), 0, size))
-    return SourceIndex("kaggle", source, wnids, words, _concat([_table(rows)]), {mapping_uri: _size(mapping_uri)})
+    return SourceIndex("kaggle", source, wnids, words, concat_index([rows_table(rows)]), {mapping_uri: file_size(mapping_uri)})
 
 
 def index_imagefolder(source: str) -> SourceIndex:
@@ -380,7 +408,7 @@ def index_imagefolder(source: str) -> SourceIndex:
     rows = _class_folder_rows("train", train_root, labels, train_files)
     val_root = storage.join(source, "val")
     rows += _class_folder_rows("val", val_root, labels, storage.list_files(val_root))
-    return SourceIndex("imagefolder", source, wnids, {}, _concat([_table(rows)]), {})
+    return SourceIndex("imagefolder", source, wnids, {}, concat_index([rows_table(rows)]), {})
 
 
 def index_imagenet(source: str, *, layout: str | None = None, parallel: bool = True) -> SourceIndex:

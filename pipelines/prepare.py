@@ -6,9 +6,15 @@ Output contract (``conventions.md``)::
     <out>/val/part-00000-of-00017.parquet ...
     <out>/manifest.json                            written last: a dataset without it is incomplete
     <out>/_state/                                  the plan and one record per finished shard (for resuming)
+    <out>/_cache/                                  decompressed copies of .tar.gz/.tgz sources (transfer datasets)
+
+The same code prepares ImageNet and the transfer datasets (:data:`DATASETS`); only the index of the source
+differs (``pipelines.ingest`` for ImageNet, ``pipelines.transfer_data`` for the others), and with it the split
+names (Caltech-101: ``all``; Flowers-102 and VOC 2007: ``train``, ``val``, ``test``) and, for VOC, two more
+columns (``labels``, ``difficult``).
 
 How it stays correct when interrupted: the split is cut into shards *before* any work, deterministically (train
-rows are shuffled with a fixed seed so every shard mixes all classes; val rows are sorted by key). Each shard is
+rows are shuffled with a fixed seed so every shard mixes all classes; other splits are sorted by key). Each shard is
 one Ray Data task that decodes, resizes and encodes its images, writes the Parquet file under a temporary name,
 moves it into place, and only then records ``_state/<split>-<shard>.json`` with its row count, checksum and
 rejected inputs. A rerun does only the shards without a record, so it never duplicates or loses rows, and its
@@ -41,7 +47,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STATE_DIR = "_state"
+CACHE_DIR = "_cache"
 FORMAT_VERSION = "alexnet-prepared/1"
+DATASETS = ("imagenet", "caltech101", "flowers102", "voc2007")
 
 #: Schema of every shard.
 SHARD_SCHEMA = pa.schema(
@@ -85,20 +93,29 @@ def _state_name(split: str, shard: int) -> str:
     return f"{STATE_DIR}/{split}-{shard:05d}.json"
 
 
-def _fingerprint(table: pa.Table) -> str:
+def shard_schema(extra_fields: tuple[pa.Field, ...] = ()) -> pa.Schema:
+    """The schema of a dataset's shards: :data:`SHARD_SCHEMA` and the index's extra columns (VOC's labels)."""
+    return pa.schema([*SHARD_SCHEMA, *extra_fields])
+
+
+#: Index columns a shard task needs; the index's extra columns travel with them.
+_TASK_COLUMNS = ("key", "label", "wnid", "uri", "offset", "size")
+
+
+def _fingerprint(index: ingest.SourceIndex) -> str:
     """Hash of what the index points at, so a resumed run can tell it is continuing the same work."""
     h = hashlib.sha256()
-    for name in ("split", "key", "label", "uri", "offset", "size"):
+    for name in ("split", "key", "label", "uri", "offset", "size", *(f.name for f in index.extra_fields)):
         h.update(name.encode())
-        for chunk in table[name].chunks:
+        for chunk in index.table[name].chunks:
             h.update(json.dumps(chunk.to_pylist()).encode())
     return h.hexdigest()
 
 
 def plan_shards(index: ingest.SourceIndex, layout: Layout, *, seed: int = 0) -> dict[str, pa.Table]:
-    """The rows of each split in the order they are written: train shuffled with ``seed``, val by key."""
+    """The rows of each split in the order they are written: train shuffled with ``seed``, others by key."""
     plan = {}
-    for split in ingest.SPLITS:
+    for split in index.splits:
         table = index.split(split)
         if split == "train" and table.num_rows:
             order = np.random.default_rng(seed).permutation(table.num_rows)
@@ -114,13 +131,13 @@ def process_shard(task: dict[str, Any]) -> dict[str, Any]:
     """Read, preprocess and write one shard; returns (and persists) its record."""
     recipe = ImageRecipe(**json.loads(task["recipe"]))
     out, name = task["out"], task["name"]
-    rows: dict[str, list] = {f.name: [] for f in SHARD_SCHEMA}
+    schema = pa.ipc.read_schema(pa.py_buffer(task["schema"]))
+    extra = schema.names[len(SHARD_SCHEMA):]
+    rows: dict[str, list] = {f.name: [] for f in schema}
     rejects = []
     files: dict[str, Any] = {}
     try:
-        for key, label, wnid, uri, offset, size in zip(
-            task["key"], task["label"], task["wnid"], task["uri"], task["offset"], task["size"]
-        ):
+        for i, (key, label, wnid, uri, offset, size) in enumerate(zip(*(task[c] for c in _TASK_COLUMNS))):
             # inside an archive, name the byte range too, so a reject can be found with `dd`
             source = f"{uri} [bytes {offset}..{offset + size})" if uri.endswith(".tar") else uri
             try:
@@ -129,13 +146,13 @@ def process_shard(task: dict[str, Any]) -> dict[str, Any]:
             except DecodeError as e:
                 rejects.append({"split": task["split"], "key": key, "wnid": wnid, "source": source, "reason": str(e)})
                 continue
-            for col, value in zip(rows, (key, label, wnid, image, width, height)):
+            for col, value in zip(rows, (key, label, wnid, image, width, height, *(task[c][i] for c in extra))):
                 rows[col].append(value)
     finally:
         for f in files.values():
             f.close()
 
-    table = pa.Table.from_pydict(rows, schema=SHARD_SCHEMA).replace_schema_metadata(
+    table = pa.Table.from_pydict(rows, schema=schema).replace_schema_metadata(
         {"alexnet.image_format": recipe.image_format, "alexnet.image_size": str(recipe.size)}
     )
     target = storage.join(out, name)
@@ -149,8 +166,7 @@ def process_shard(task: dict[str, Any]) -> dict[str, Any]:
         table,
         tmp,
         row_group_size=task["row_group_rows"],
-        compression={"key": "zstd", "wnid": "zstd", "label": "zstd", "image": "none",
-                     "source_width": "zstd", "source_height": "zstd"},
+        compression={c: "none" if c == "image" else "zstd" for c in schema.names},
         write_statistics=["label"],
     )
     digest = hashlib.sha256()
@@ -177,17 +193,41 @@ def process_shard(task: dict[str, Any]) -> dict[str, Any]:
 # --- the driver -----------------------------------------------------------------------------------------------
 
 
-def _records(out: str) -> dict[tuple[str, int], dict]:
+def _records(out: str, splits: tuple[str, ...]) -> dict[tuple[str, int], dict]:
     found = {}
     for rel, _ in storage.list_files(storage.join(out, STATE_DIR), recursive=False):
         base = os.path.basename(rel)
-        if base.endswith(".json") and base.count("-") == 1 and base.split("-")[0] in ingest.SPLITS:
+        if base.endswith(".json") and base.count("-") == 1 and base.split("-")[0] in splits:
             rec = storage.read_json(storage.join(out, STATE_DIR, base))
             found[(rec["split"], rec["shard"])] = rec
     return found
 
 
-def prepare_imagenet(
+def index_dataset(dataset: str, source: str, *, layout: str | None = None, cache: str | None = None
+                  ) -> ingest.SourceIndex:
+    """The index of ``source`` holding ``dataset`` (one of :data:`DATASETS`).
+
+    ``layout`` selects an ImageNet layout (auto-detected by default); ``cache`` is where the transfer datasets'
+    gzip'd tars are decompressed (see ``pipelines.transfer_data``).
+    """
+    if dataset == "imagenet":
+        return ingest.index_imagenet(source, layout=layout)
+    if layout is not None:
+        raise ValueError(f"layout applies to imagenet only, not to {dataset}")
+    from pipelines import transfer_data
+
+    if dataset not in transfer_data.INDEXERS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
+    return transfer_data.INDEXERS[dataset](source, cache=cache)
+
+
+def prepare_imagenet(source: str, out: str, *, layout: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """:func:`prepare_dataset` for ImageNet (``layout``: official, kaggle or imagefolder; auto-detected)."""
+    return prepare_dataset("imagenet", source, out, layout=layout, **kwargs)
+
+
+def prepare_dataset(
+    dataset: str,
     source: str,
     out: str,
     *,
@@ -199,10 +239,10 @@ def prepare_imagenet(
     seed: int = 0,
     ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """Preprocess an ImageNet source (any supported layout, local or S3) into Parquet shards at ``out``.
+    """Preprocess ``dataset`` (one of :data:`DATASETS`) from ``source`` (local or S3) into Parquet shards at ``out``.
 
     Returns the manifest. An existing complete output made with the same inputs and parameters is returned as is
-    (``overwrite=True`` rebuilds it); an interrupted one is resumed.
+    (``overwrite=True`` rebuilds it); an interrupted one is resumed. ``layout`` applies to ImageNet only.
     """
     from pipelines.rayutil import ensure_ray
 
@@ -211,7 +251,7 @@ def prepare_imagenet(
     if overwrite:
         storage.delete_tree(out)
     ensure_ray(ray_address)
-    index = ingest.index_imagenet(source, layout=layout)
+    index = index_dataset(dataset, source, layout=layout, cache=storage.join(out, CACHE_DIR))
     shape = Layout.default(recipe.image_format, shard_rows=shard_rows)
     plan = plan_shards(index, shape, seed=seed)
     params = {
@@ -222,7 +262,7 @@ def prepare_imagenet(
         "max_bad_fraction": max_bad_fraction,
     }
     plan_hash = hashlib.sha256(
-        json.dumps({"params": params, "index": _fingerprint(index.table)}, sort_keys=True).encode()
+        json.dumps({"params": params, "index": _fingerprint(index)}, sort_keys=True).encode()
     ).hexdigest()
 
     if storage.exists(manifest_uri):
@@ -246,9 +286,11 @@ def prepare_imagenet(
         storage.write_json(plan_uri, {"plan_hash": plan_hash, "source": source, "params": params})
 
     tasks = []
-    done = _records(out)
+    done = _records(out, index.splits)
     num_shards = {s: math.ceil(t.num_rows / shape.shard_rows) for s, t in plan.items()}
     recipe_json = json.dumps(dataclasses.asdict(recipe))
+    schema = shard_schema(index.extra_fields)
+    columns = (*_TASK_COLUMNS, *(f.name for f in index.extra_fields))
     for split, table in plan.items():
         for shard in range(num_shards[split]):
             if (split, shard) in done:
@@ -262,7 +304,8 @@ def prepare_imagenet(
                     "out": out,
                     "recipe": recipe_json,
                     "row_group_rows": shape.row_group_rows,
-                    **{c: part[c].to_pylist() for c in ("key", "label", "wnid", "uri", "offset", "size")},
+                    "schema": schema.serialize().to_pybytes(),
+                    **{c: part[c].to_pylist() for c in columns},
                 }
             )
     total_shards = sum(num_shards.values())
@@ -273,11 +316,11 @@ def prepare_imagenet(
                 storage.delete_tree(storage.join(out, split, ".tmp"))
         _run_tasks(tasks)
 
-    records = _records(out)
+    records = _records(out, index.splits)
     missing = [(s, i) for s in plan for i in range(num_shards[s]) if (s, i) not in records]
     if missing:  # pragma: no cover - a task failure raises above
         raise PrepareError(f"{len(missing)} shards did not finish (first: {missing[0]}); rerun to resume")
-    manifest = _manifest(index, plan, records, num_shards, params, plan_hash, recipe)
+    manifest = _manifest(index, plan, records, num_shards, params, plan_hash, recipe, schema)
     rejects = manifest["rejects"]
     inputs = sum(len(t) for t in plan.values())
     if inputs and len(rejects) / inputs > max_bad_fraction:
@@ -312,7 +355,8 @@ def _run_tasks(tasks: list[dict[str, Any]]) -> None:
     log.info("wrote %d shards", len(results))
 
 
-def _manifest(index, plan, records, num_shards, params, plan_hash, recipe: ImageRecipe) -> dict[str, Any]:
+def _manifest(index, plan, records, num_shards, params, plan_hash, recipe: ImageRecipe, schema: pa.Schema
+              ) -> dict[str, Any]:
     splits, rejects = {}, []
     for split in plan:
         recs = [records[(split, i)] for i in range(num_shards[split])]
@@ -325,11 +369,12 @@ def _manifest(index, plan, records, num_shards, params, plan_hash, recipe: Image
         rejects += [rej for r in recs for rej in r["rejects"]]
     return {
         "format": FORMAT_VERSION,
-        "dataset": "imagenet",
+        "dataset": index.dataset,
         "complete": True,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": {"uri": index.source, "layout": index.layout},
-        "label_convention": "index of the wnid in sorted wnid order (torchvision/Kaggle/Caffe)",
+        "label_convention": index.label_convention,
+        "multi_label": index.multi_label,
         "num_classes": len(index.wnids),
         "classes": [{"label": i, "wnid": w, "words": index.words.get(w, "")} for i, w in enumerate(index.wnids)],
         "image": {
@@ -339,7 +384,7 @@ def _manifest(index, plan, records, num_shards, params, plan_hash, recipe: Image
             "raw_layout": "HWC uint8" if recipe.image_format == "raw" else None,
         },
         "preprocessing": {**params, "pillow": imaging.pillow_info()},
-        "schema": [f"{f.name}: {f.type}" for f in SHARD_SCHEMA],
+        "schema": [f"{f.name}: {f.type}" for f in schema],
         "splits": splits,
         "rejects": rejects,
         "plan_hash": plan_hash,
@@ -352,7 +397,8 @@ def load_manifest(data: str) -> dict[str, Any]:
     if not storage.exists(uri):
         raise PrepareError(
             f"{uri} not found: {data} is not a complete prepared dataset. "
-            f"Run `alexnet prepare imagenet --source SRC --out {data}` (it resumes an interrupted run)."
+            f"Run `alexnet prepare imagenet --source SRC --out {data}` (or caltech101, flowers102, voc2007 for the "
+            "transfer datasets; it resumes an interrupted run)."
         )
     return storage.read_json(uri)
 
