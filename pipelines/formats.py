@@ -73,3 +73,51 @@ CMYK_JPEGS = (
 
 #: Image file endings accepted in folder layouts (case-insensitive).
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+# --- Transfer datasets (Caltech-101, Oxford Flowers-102, PASCAL VOC 2007) --------------------------------------
+#: Caltech-101 comes as the original tar.gz or as the newer caltech-101.zip that wraps it (with Annotations.tar).
+CALTECH101_TGZ = "101_ObjectCategories.tar.gz"
+CALTECH101_ZIP = "caltech-101.zip"
+CALTECH101_ZIP_TGZ = "caltech-101/101_ObjectCategories.tar.gz"
+CALTECH101_ZIP_ANNOTATIONS = "caltech-101/Annotations.tar"
+#: Top folder of the tar: 101_ObjectCategories/<category>/image_%04d.jpg
+CALTECH101_ROOT = "101_ObjectCategories"
+#: The clutter folder, not a category: excluded from the classes (as in torchvision and the papers).
+CALTECH101_BACKGROUND = "BACKGROUND_Google"
+
+FLOWERS102_TGZ = "102flowers.tgz"  # jpg/image_%05d.jpg
+FLOWERS102_LABELS = "imagelabels.mat"  # labels: 1 x 8189, 1-based class of image i+1
+FLOWERS102_SETID = "setid.mat"  # trnid, valid, tstid: 1-based image numbers
+#: setid.mat key of each split
+FLOWERS102_SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}
+FLOWERS102_NAME_FORMAT = "jpg/image_{:05d}.jpg"
+
+VOC2007_TRAINVAL_TAR = "VOCtrainval_06-Nov-2007.tar"
+VOC2007_TEST_TAR = "VOCtest_06-Nov-2007.tar"
+VOC2007_ROOT = "VOCdevkit/VOC2007"
+#: The 20 classes in the standard (devkit) order, which is also alphabetical.
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+VOC2007_SPLITS = ("train", "val", "test")
+
+#: Published MD5 checksums (torchvision's tables and the dataset pages).
+TRANSFER_MD5 = {
+    CALTECH101_TGZ: "b224c7392d521a49829488ab0f1120d9",
+    CALTECH101_ZIP: "3138e1922a9193bfa496528edbbc45d0",
+    FLOWERS102_TGZ: "52808999861908f626f3c1f4e79d11fa",
+    FLOWERS102_LABELS: "e0620be6f572b9609742df49c70aed4d",
+    FLOWERS102_SETID: "a5357ecc9cb78c4bef273ce3793fc85c",
+    VOC2007_TRAINVAL_TAR: "c52e279531787c972589f7e41ab4ae64",
+    VOC2007_TEST_TAR: "b6e924de25625d8de591ea690078ad9f",
+}
+
+#: The files of each dataset: a tuple of groups, each group being alternative packagings of the same data (the
+#: first one found at the source is used).
+DATASET_FILES = {
+    "imagenet": tuple((name,) for name in IMAGENET_FILES),
+    "caltech101": ((CALTECH101_TGZ, CALTECH101_ZIP),),
+    "flowers102": ((FLOWERS102_TGZ,), (FLOWERS102_LABELS,), (FLOWERS102_SETID,)),
+    "voc2007": ((VOC2007_TRAINVAL_TAR,), (VOC2007_TEST_TAR,)),
+}
