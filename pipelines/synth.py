@@ -32,6 +32,7 @@ where each of them is, so tests can check that ingest handles every one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -40,8 +41,9 @@ import json
 import math
 import tarfile
 from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import scipy.io
@@ -63,7 +65,10 @@ from pipelines.formats import (
     VAL_NAME_FORMAT,
 )
 
-__all__ = ["LAYOUTS", "SHAPES", "COLOURS", "MAX_CLASSES", "SynthInfo", "write_synthetic_imagenet"]
+__all__ = ["LAYOUTS", "SHAPES", "COLOURS", "MAX_CLASSES", "SynthInfo", "write_synthetic", "write_synthetic_imagenet"]
+
+#: Datasets :func:`write_synthetic` writes; the transfer ones are in ``pipelines.synth_transfer``.
+DATASETS = ("imagenet", "caltech101", "flowers102", "voc2007")
 
 LAYOUTS = ("official", "kaggle", "imagefolder")
 
@@ -170,6 +175,19 @@ class SynthInfo:
         data["train"] = [tuple(pair) for pair in data["train"]]
         data["val"] = [tuple(pair) for pair in data["val"]]
         return cls(**data)
+
+
+def write_synthetic(dataset: str, out: str | Path, **sizes: Any) -> Any:
+    """Write the synthetic ``dataset`` (one of :data:`DATASETS`) into ``out``; ``sizes`` are the keyword
+    arguments of its writer: :func:`write_synthetic_imagenet` (returns :class:`SynthInfo`) or
+    ``pipelines.synth_transfer.write_synthetic_{caltech101,flowers102,voc2007}`` (``TransferSynthInfo``)."""
+    if dataset == "imagenet":
+        return write_synthetic_imagenet(out, **sizes)
+    from pipelines.synth_transfer import WRITERS
+
+    if dataset not in WRITERS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
+    return WRITERS[dataset](out, **sizes)
 
 
 def write_synthetic_imagenet(
@@ -408,7 +426,66 @@ def _shape_mask(shape: str, w: int, h: int, cx: float, cy: float, r: float, angl
     return mask
 
 
-def _render(seed: int, key: str, style: _Style, role: str, size: int) -> tuple[Image.Image, list]:
+#: An object of a scene: its style, colour, (centre x, centre y, radius) relative to the image, and rotation.
+_Object = tuple[_Style, tuple[int, int, int], tuple[float, float, float], float]
+#: A box (x0, y0, x1, y1), inclusive pixel coordinates.
+_Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class _Backdrop:
+    """The random background of a scene: low-saturation blotches, mid-frequency texture, per-pixel noise."""
+
+    coarse: np.ndarray
+    medium_sd: float
+    noise_sd: float
+
+
+def _backdrop(rng: np.random.Generator) -> _Backdrop:
+    grey = rng.uniform(70, 190)
+    coarse = grey + rng.normal(0, 30, (4, 5, 1)) + rng.normal(0, 12, (4, 5, 3))  # low-saturation blotches
+    medium_sd = rng.uniform(4, 12)
+    return _Backdrop(coarse, medium_sd, rng.uniform(3, 8))
+
+
+def _object_colour(rng: np.random.Generator, style: _Style) -> tuple[int, int, int]:
+    """The class colour of ``style``, jittered per image."""
+    colour = np.array(COLOURS[style.colour]) * rng.uniform(0.85, 1.1) + rng.normal(0, 10, 3)
+    r, g, b = (int(c) for c in np.clip(colour, 0, 255))
+    return r, g, b
+
+
+def _paint(rng: np.random.Generator, w: int, h: int, backdrop: _Backdrop, objects: list[_Object]
+           ) -> tuple[Image.Image, list[_Box | None]]:
+    """A ``w`` x ``h`` scene of ``objects`` over ``backdrop``, and each object's box (None when it covers no
+    pixel), painted in order (later objects in front)."""
+    img = Image.fromarray(np.clip(backdrop.coarse, 0, 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+    # Mid-frequency texture so that the background is not a smooth gradient.
+    gw, gh = max(2, w // 24), max(2, h // 24)
+    texture = rng.normal(0, backdrop.medium_sd, (gh, gw)).astype(np.float32)
+    texture_img = Image.fromarray(texture).resize((w, h), Image.Resampling.BILINEAR)
+
+    boxes: list[_Box | None] = []
+    shorter = min(w, h)
+    for style, colour, (rx, ry, rr), angle in objects:
+        mask = _shape_mask(style.shape, w, h, rx * w, ry * h, rr * shorter, angle)
+        if style.fill == "hatched":
+            period = max(2, int(rr * shorter / 3))
+            rows = (np.arange(h)[:, None] // period) % 2 == 0
+            hatch = np.asarray(mask) * np.broadcast_to(rows, (h, w))
+            img.paste(colour, mask=mask)
+            img.paste((25, 25, 25), mask=Image.fromarray(hatch.astype(np.uint8)))
+        else:
+            img.paste(colour, mask=mask)
+        bbox = mask.getbbox()
+        boxes.append(None if bbox is None else (bbox[0], bbox[1], bbox[2] - 1, bbox[3] - 1))
+
+    pixels = np.asarray(img, dtype=np.float32) + np.asarray(texture_img)[..., None]
+    pixels += rng.standard_normal((h, w, 3), dtype=np.float32) * backdrop.noise_sd
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), boxes
+
+
+def _render(seed: int, key: str, style: _Style, role: str, size: int) -> tuple[Image.Image, list[_Box]]:
     """The RGB image of ``key`` and its object boxes (x0, y0, x1, y1, inclusive).
 
     All random draws that do not depend on the image size come first, so a large or tiny quirk version shows
@@ -422,53 +499,30 @@ def _render(seed: int, key: str, style: _Style, role: str, size: int) -> tuple[I
         w, h = TINY_SIZES[int(key.startswith("ILSVRC2012_val"))]
 
     # Scene parameters, relative to the image so that they survive any rescaling.
-    grey = rng.uniform(70, 190)
-    coarse = grey + rng.normal(0, 30, (4, 5, 1)) + rng.normal(0, 12, (4, 5, 3))  # low-saturation blotches
-    medium_sd = rng.uniform(4, 12)
-    noise_sd = rng.uniform(3, 8)
-    objects = []
+    backdrop = _backdrop(rng)
+    places = []
     if rng.random() < 0.2:  # a second, smaller instance near an edge, as in multi-box ImageNet images
         side = rng.choice([-1, 1])
-        objects.append((0.5 + side * rng.uniform(0.27, 0.37), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.13)))
-    objects.append((rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65), rng.uniform(0.2, 0.34)))
-    angles = rng.uniform(0, 2 * math.pi, len(objects))
-    colour = np.array(COLOURS[style.colour]) * rng.uniform(0.85, 1.1) + rng.normal(0, 10, 3)
-    colour = tuple(int(c) for c in np.clip(colour, 0, 255))
-
-    img = Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
-    # Mid-frequency texture so that the background is not a smooth gradient.
-    gw, gh = max(2, w // 24), max(2, h // 24)
-    texture = rng.normal(0, medium_sd, (gh, gw)).astype(np.float32)
-    texture_img = Image.fromarray(texture).resize((w, h), Image.Resampling.BILINEAR)
-
-    boxes = []
-    shorter = min(w, h)
-    for (rx, ry, rr), angle in zip(objects, angles):
-        mask = _shape_mask(style.shape, w, h, rx * w, ry * h, rr * shorter, angle)
-        if style.fill == "hatched":
-            period = max(2, int(rr * shorter / 3))
-            rows = (np.arange(h)[:, None] // period) % 2 == 0
-            hatch = np.asarray(mask) * np.broadcast_to(rows, (h, w))
-            img.paste(colour, mask=mask)
-            img.paste((25, 25, 25), mask=Image.fromarray(hatch.astype(np.uint8)))
-        else:
-            img.paste(colour, mask=mask)
-        bbox = mask.getbbox()
-        if bbox is not None:
-            boxes.append((bbox[0], bbox[1], bbox[2] - 1, bbox[3] - 1))
-
-    if not boxes:  # an object too small to cover a pixel (tiny images); Kaggle rows still need one box
-        boxes.append((0, 0, w - 1, h - 1))
-    pixels = np.asarray(img, dtype=np.float32) + np.asarray(texture_img)[..., None]
-    pixels += rng.standard_normal((h, w, 3), dtype=np.float32) * noise_sd
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), boxes
+        places.append((0.5 + side * rng.uniform(0.27, 0.37), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.13)))
+    places.append((rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65), rng.uniform(0.2, 0.34)))
+    angles = rng.uniform(0, 2 * math.pi, len(places))
+    colour = _object_colour(rng, style)
+    img, found = _paint(rng, w, h, backdrop, [(style, colour, p, a) for p, a in zip(places, angles)])
+    # an object too small to cover a pixel (tiny images): Kaggle rows still need one box
+    boxes = [b for b in found if b is not None] or [(0, 0, w - 1, h - 1)]
+    return img, boxes
 
 
 def _encode(seed: int, key: str, style: _Style, role: str, size: int) -> tuple[bytes, list]:
     """The file bytes of ``key`` (a JPEG, or the quirk its role calls for) and its object boxes."""
     img, boxes = _render(seed, key, style, role, size)
+    return _file_bytes(img, role), boxes
+
+
+def _file_bytes(img: Image.Image, role: str) -> bytes:
+    """``img`` as the file its role calls for: a JPEG, or a PNG, CMYK, grayscale, empty or truncated file."""
     if role == "empty":
-        return b"", boxes
+        return b""
     buf = io.BytesIO()
     if role == "png":
         img.save(buf, "PNG")
@@ -484,7 +538,7 @@ def _encode(seed: int, key: str, style: _Style, role: str, size: int) -> tuple[b
     if role == "truncated":
         # Half the entropy-coded data is gone: the header parses, decoding the pixels fails.
         data = data[: len(data) // 2]
-    return data, boxes
+    return data
 
 
 # --- Layouts -------------------------------------------------------------------------------------------------
@@ -494,6 +548,15 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
     tar.addfile(info, io.BytesIO(data))
+
+
+@contextlib.contextmanager
+def _tar_writer(fileobj: IO[bytes], *, gz: bool = False) -> Iterator[tarfile.TarFile]:
+    """A GNU tar written to ``fileobj``; with ``gz`` gzip'd, its header timestamp pinned (byte-identical reruns)."""
+    with contextlib.ExitStack() as stack:
+        if gz:
+            fileobj = stack.enter_context(gzip.GzipFile(filename="", mode="wb", fileobj=fileobj, mtime=0))
+        yield stack.enter_context(tarfile.open(fileobj=fileobj, mode="w", format=tarfile.GNU_FORMAT))
 
 
 def _tar_add_dir(tar: tarfile.TarFile, name: str) -> None:
@@ -524,10 +587,7 @@ def _write_official(out: Path, plan: _Plan) -> list[str]:
         "num_train_images); the classes are the synsets with num_children == 0.\n"
         "data/ILSVRC2012_validation_ground_truth.txt: ILSVRC2012_ID of val image i on line i.\n"
     ).encode()
-    # gzip's header carries a timestamp; pinning it keeps the devkit byte-identical between runs.
-    with open(out / IMAGENET_DEVKIT, "wb") as raw, \
-            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as devkit:
+    with open(out / IMAGENET_DEVKIT, "wb") as raw, _tar_writer(raw, gz=True) as devkit:
         _tar_add_dir(devkit, root)
         _tar_add_dir(devkit, f"{root}/data")
         _tar_add(devkit, f"{root}/readme.txt", readme)
@@ -571,9 +631,14 @@ def _meta_mat(plan: _Plan) -> bytes:
     for i, row in enumerate(rows):
         synsets[i, 0] = (_uint(row["id"]), row["wnid"], row["words"], row["gloss"], _uint(len(row["children"])),
                          _uint(row["children"]), _uint(row["height"]), _uint(row["images"]))
+    return _mat_bytes({"synsets": synsets})
+
+
+def _mat_bytes(variables: dict[str, Any]) -> bytes:
+    """A MATLAB 5 .mat file of ``variables``, as MATLAB writes them (row vectors stay 1 x N)."""
     buf = io.BytesIO()
-    scipy.io.savemat(buf, {"synsets": synsets}, format="5", oned_as="row")
-    # The 116-byte text header carries the creation time; a fixed one keeps the devkit byte-identical.
+    scipy.io.savemat(buf, variables, format="5", oned_as="row")
+    # The 116-byte text header carries the creation time; a fixed one keeps the file byte-identical.
     data = bytearray(buf.getvalue())
     data[:MAT_HEADER_TEXT_BYTES] = MAT_HEADER_TEXT.ljust(MAT_HEADER_TEXT_BYTES).encode("ascii")
     return bytes(data)
