@@ -18,8 +18,9 @@ S3 endpoints come from the standard ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL
 (>= 1.28.57; the project requires >= 1.34) reads itself, together with the usual credential chain.
 
 Public API: :func:`download_file` (one URI, generic), :func:`download_files` (names under a source prefix, for
-any dataset), :func:`download_imagenet` (the three ILSVRC-2012 files), :func:`parse_headers` (for a CLI
-``--header`` option), and the two errors :class:`ChecksumError` and :class:`DownloadError`.
+any dataset), :func:`download_dataset` (the official files of ImageNet, Caltech-101, Flowers-102 or VOC 2007),
+:func:`download_imagenet` (the three ILSVRC-2012 files), :func:`parse_headers` (for a CLI ``--header`` option),
+and the two errors :class:`ChecksumError` and :class:`DownloadError`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from pipelines.formats import IMAGENET_FILES, IMAGENET_MD5, IMAGENET_SIZES
+from pipelines.formats import DATASET_FILES, IMAGENET_FILES, IMAGENET_MD5, IMAGENET_SIZES, TRANSFER_MD5
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ __all__ = [
     "ChecksumError",
     "DownloadError",
     "download_file",
+    "download_dataset",
     "download_files",
     "download_imagenet",
     "parse_headers",
@@ -78,14 +80,15 @@ class ChecksumError(RuntimeError):
 
 
 class DownloadError(RuntimeError):
-    """A download failed for good (4xx, missing object, retries exhausted). ``status`` is the HTTP status if any."""
+    """A download failed for good (4xx, missing object, retries exhausted). ``status`` is the HTTP status if any;
+    ``missing`` says the source has no such file (HTTP 404, no S3 object, no local file)."""
 
-    def __init__(self, message: str, *, uri: str = "", status: int | None = None) -> None:
+    def __init__(self, message: str, *, uri: str = "", status: int | None = None, missing: bool = False) -> None:
         super().__init__(message)
-        self.uri, self.status = uri, status
+        self.uri, self.status, self.missing = uri, status, missing
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), str(self), {"uri": self.uri, "status": self.status}))
+        return (_rebuild, (type(self), str(self), {"uri": self.uri, "status": self.status, "missing": self.missing}))
 
 
 def _rebuild(cls: type[Exception], message: str, attrs: dict[str, Any]) -> Exception:
@@ -230,6 +233,50 @@ def download_imagenet(
                           progress=progress)
 
 
+def download_dataset(
+    dataset: str,
+    source: str,
+    dest: str | Path,
+    *,
+    verify: bool = True,
+    headers: Mapping[str, str] | None = None,
+    md5: Mapping[str, str] | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Fetch the official files of ``dataset`` (a key of ``formats.DATASET_FILES``) from ``source`` into ``dest``.
+
+    ``source`` is a folder, ``file://``, ``https://`` or ``s3://`` prefix, as for :func:`download_imagenet` (which
+    this is for ``imagenet``). Published MD5s are checked (``formats.TRANSFER_MD5``; ``md5`` overrides or extends
+    them; ``verify=False`` skips all checks). Where a dataset comes in alternative packagings (Caltech-101's
+    ``101_ObjectCategories.tar.gz`` or ``caltech-101.zip``), one already in ``dest`` is kept, else the first the
+    source has is fetched. Returns the local paths.
+    """
+    if dataset == "imagenet":
+        return download_imagenet(source, dest, verify=verify, headers=headers, md5=md5, progress=progress)
+    if dataset not in DATASET_FILES:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_FILES)}")
+    checksums = {**TRANSFER_MD5, **(md5 or {})}
+    paths = []
+    for group in DATASET_FILES[dataset]:
+        present = [name for name in group if (Path(dest) / name).exists()]
+        for name in present[:1] or group:
+            try:
+                paths += download_files(source, dest, [name], md5=checksums, verify=verify, headers=headers,
+                                        progress=progress)
+                break
+            except DownloadError as exc:
+                if not exc.missing or len(group) == 1:
+                    raise
+                empty_part = Path(dest) / (name + _PART_SUFFIX)
+                if empty_part.exists() and empty_part.stat().st_size == 0:
+                    empty_part.unlink()  # opened before the source turned out not to have it
+                log.info("%s is not at %s; trying the other packagings of %s", name, source, dataset)
+        else:
+            raise DownloadError(f"none of {', '.join(group)} is at {source}; fix: check the source prefix",
+                                uri=source, missing=True)
+    return paths
+
+
 # --- the part file and the retry loop ---------------------------------------------------------------------------
 
 
@@ -347,7 +394,8 @@ def _fetch_local(uri: str, path: Path, part: _PartFile, chunk_size: int) -> None
     try:
         src = open(path, "rb")  # noqa: SIM115 - closed below
     except FileNotFoundError as exc:
-        raise DownloadError(f"{uri} does not exist; fix: check the source folder and the file name", uri=uri) from exc
+        raise DownloadError(f"{uri} does not exist; fix: check the source folder and the file name", uri=uri,
+                            missing=True) from exc
     except OSError as exc:
         raise DownloadError(f"cannot read {uri}: {exc}; fix: check the path and its permissions", uri=uri) from exc
     with src:
@@ -426,7 +474,7 @@ def _check_http_status(uri: str, status: int, reason: str) -> None:
         )
     if status == 404:
         raise DownloadError(f"HTTP 404 Not Found for {uri}; fix: check the source URL and the file name",
-                            uri=uri, status=status)
+                            uri=uri, status=status, missing=True)
     raise DownloadError(f"HTTP {status} {reason} for {uri}; fix: check the source URL", uri=uri, status=status)
 
 
@@ -483,7 +531,7 @@ def _s3_client_error(uri: str, exc: Any) -> Exception:
         return _Transient(f"S3 {code or status}")
     if status == 404 or code in ("404", "NoSuchKey", "NoSuchBucket"):
         return DownloadError(f"S3 object {uri} not found ({code}); fix: check the bucket, the prefix and "
-                             f"AWS_ENDPOINT_URL", uri=uri, status=status)
+                             f"AWS_ENDPOINT_URL", uri=uri, status=status, missing=True)
     if status in (401, 403) or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
         return DownloadError(f"access to {uri} denied ({code}); fix: check the AWS credentials/profile and the "
                              f"bucket policy", uri=uri, status=status)
