@@ -32,10 +32,11 @@ def _key_value(text: str) -> tuple[str, str]:
 # --- download ---------------------------------------------------------------------------------------------------
 
 
-def _download_imagenet(args: argparse.Namespace) -> int:
-    from pipelines.download import download_imagenet, parse_headers
+def _download(args: argparse.Namespace) -> int:
+    from pipelines.download import download_dataset, parse_headers
 
-    paths = download_imagenet(
+    paths = download_dataset(
+        args.dataset,
         args.source,
         args.dest,
         verify=args.verify,
@@ -51,17 +52,18 @@ def _download_imagenet(args: argparse.Namespace) -> int:
 # --- prepare / stats / synth ------------------------------------------------------------------------------------
 
 
-def _prepare_imagenet(args: argparse.Namespace) -> int:
+def _prepare(args: argparse.Namespace) -> int:
     from pipelines.imaging import ImageRecipe
-    from pipelines.prepare import prepare_imagenet
+    from pipelines.prepare import prepare_dataset
 
-    manifest = prepare_imagenet(
+    manifest = prepare_dataset(
+        args.dataset,
         args.source,
         args.out,
         recipe=ImageRecipe(
             size=args.size, resample=args.resample, draft=args.draft, image_format=args.format, quality=args.quality
         ),
-        layout=args.layout,
+        layout=getattr(args, "layout", None),
         shard_rows=args.shard_rows,
         max_bad_fraction=args.max_bad_fraction,
         overwrite=args.overwrite,
@@ -82,21 +84,21 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _synth_imagenet(args: argparse.Namespace) -> int:
-    from pipelines.synth import write_synthetic_imagenet
+#: Options of every `alexnet synth DATASET`; the others are the keyword arguments of the dataset's writer.
+_SYNTH_COMMON = ("command", "dataset", "handler", "verbose", "out")
 
-    info = write_synthetic_imagenet(
-        args.out,
-        layout=args.layout,
-        classes=args.classes,
-        train_per_class=args.train_per_class,
-        val_per_class=args.val_per_class,
-        size=args.size,
-        seed=args.seed,
-        quirks=args.quirks,
-    )
-    print(f"wrote a synthetic ImageNet ({args.layout} layout) to {args.out}: {len(info.wnids)} classes, "
-          f"{len(info.train)} train and {len(info.val)} val images")
+
+def _synth(args: argparse.Namespace) -> int:
+    from pipelines.synth import write_synthetic
+
+    sizes = {k: v for k, v in vars(args).items() if k not in _SYNTH_COMMON}
+    info = write_synthetic(args.dataset, args.out, **sizes)
+    if args.dataset == "imagenet":
+        classes, counts = info.wnids, {"train": len(info.train), "val": len(info.val)}
+    else:
+        classes, counts = info.classes, {split: len(keys) for split, keys in info.splits.items()}
+    print(f"wrote a synthetic {args.dataset} to {args.out}: {len(classes)} classes, "
+          + ", ".join(f"{n} {split}" for split, n in counts.items()) + " images")
     return 0
 
 
@@ -139,50 +141,74 @@ def build_parser() -> argparse.ArgumentParser:
     # download
     download = commands.add_parser("download", help="fetch official dataset archives, verifying checksums")
     download_sets = download.add_subparsers(dest="dataset", required=True, metavar="DATASET")
-    d = download_sets.add_parser(
-        "imagenet",
-        help="the three ILSVRC-2012 files (train tar, val tar, devkit)",
-        description="Fetch ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz from "
-        "an https:// URL prefix, s3://bucket/prefix or a local folder into DIR, resuming partial downloads and "
-        "verifying the published MD5s.",
-    )
-    d.add_argument("--from", dest="source", required=True, metavar="URI", help="https://..., s3://... or a folder")
-    d.add_argument("--to", dest="dest", required=True, metavar="DIR", help="local destination folder")
-    d.add_argument("--no-verify", dest="verify", action="store_false", help="skip MD5 checks (subsets, mirrors)")
-    d.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
-                   help="extra HTTP header, e.g. 'Authorization: Bearer TOKEN' (repeatable)")
-    d.add_argument("--md5", action="append", default=[], type=_key_value, metavar="FILE=MD5",
-                   help="expected MD5 for a file, overriding the published one (repeatable)")
-    d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    d.set_defaults(handler=_download_imagenet)
+    fetched = {
+        "imagenet": ("the three ILSVRC-2012 files (train tar, val tar, devkit)",
+                     "ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz"),
+        "caltech101": ("Caltech-101: 101_ObjectCategories.tar.gz or caltech-101.zip",
+                       "101_ObjectCategories.tar.gz, or caltech-101.zip where the source has only that,"),
+        "flowers102": ("Oxford Flowers-102: 102flowers.tgz, imagelabels.mat, setid.mat",
+                       "102flowers.tgz, imagelabels.mat and setid.mat"),
+        "voc2007": ("PASCAL VOC 2007: the trainval and test tars",
+                    "VOCtrainval_06-Nov-2007.tar and VOCtest_06-Nov-2007.tar"),
+    }
+    for name, (summary, files) in fetched.items():
+        d = download_sets.add_parser(
+            name,
+            help=summary,
+            description=f"Fetch {files} from an https:// URL prefix, s3://bucket/prefix or a local folder into DIR, "
+            "resuming partial downloads and verifying the published MD5s.",
+        )
+        d.add_argument("--from", dest="source", required=True, metavar="URI", help="https://..., s3://... or a folder")
+        d.add_argument("--to", dest="dest", required=True, metavar="DIR", help="local destination folder")
+        d.add_argument("--no-verify", dest="verify", action="store_false", help="skip MD5 checks (subsets, mirrors)")
+        d.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                       help="extra HTTP header, e.g. 'Authorization: Bearer TOKEN' (repeatable)")
+        d.add_argument("--md5", action="append", default=[], type=_key_value, metavar="FILE=MD5",
+                       help="expected MD5 for a file, overriding the published one (repeatable)")
+        d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        d.set_defaults(handler=_download)
 
     # prepare
     prep = commands.add_parser("prepare", help="preprocess a dataset with Ray Data into Parquet shards")
     prep_sets = prep.add_subparsers(dest="dataset", required=True, metavar="DATASET")
-    p = prep_sets.add_parser(
-        "imagenet",
-        help="ILSVRC-2012 in the official, Kaggle or ImageFolder layout",
-        description="Decode, convert to RGB, resize the shorter side to 256, centre-crop 256x256 and write Parquet "
-        "shards plus manifest.json to OUT. The layout of SRC is auto-detected; archives are read in place. "
-        "Reruns resume; a complete output is left alone unless --overwrite.",
-    )
-    p.add_argument("--source", required=True, metavar="SRC", help="folder or s3://bucket/prefix")
-    p.add_argument("--out", required=True, metavar="OUT", help="folder or s3://bucket/prefix for the shards")
-    p.add_argument("--layout", choices=("official", "kaggle", "imagefolder"), help="skip auto-detection")
-    p.add_argument("--format", choices=("jpeg", "raw"), default="jpeg", help="stored image encoding (default jpeg)")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality of stored images (default 90)")
-    p.add_argument("--size", type=int, default=256, help="shorter side and crop size (default 256, the paper)")
-    p.add_argument("--resample", choices=("bilinear", "bicubic", "lanczos", "box"), default="bilinear",
-                   help="resize filter, antialiased (default bilinear)")
-    p.add_argument("--no-draft", dest="draft", action="store_false",
-                   help="decode large JPEGs at full scale instead of libjpeg's reduced-scale decoding")
-    p.add_argument("--shard-rows", type=int, help="images per shard (default: about 96 MB per shard)")
-    p.add_argument("--max-bad-fraction", type=_positive_fraction, default=0.01,
-                   help="fail when more than this fraction of inputs cannot be decoded (default 0.01)")
-    p.add_argument("--overwrite", action="store_true", help="rebuild OUT from scratch")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train-row order across shards")
-    p.add_argument("--ray-address", help="Ray cluster to run on (default: RAY_ADDRESS, else local)")
-    p.set_defaults(handler=_prepare_imagenet)
+    sources = {
+        "imagenet": ("ILSVRC-2012 in the official, Kaggle or ImageFolder layout",
+                     "The layout of SRC is auto-detected; archives are read in place."),
+        "caltech101": ("Caltech-101 (101_ObjectCategories.tar.gz or caltech-101.zip) -> split all",
+                       "Classes are the category folders in sorted order, BACKGROUND_Google excluded; the tar.gz "
+                       "is decompressed once into OUT/_cache."),
+        "flowers102": ("Oxford Flowers-102 (102flowers.tgz, imagelabels.mat, setid.mat) -> train, val, test",
+                       "Labels are the official ones minus 1; the tgz is decompressed once into OUT/_cache."),
+        "voc2007": ("PASCAL VOC 2007 (trainval and test tars) -> train, val, test, multi-label",
+                    "The tars are read in place; ImageSets/Main/<class>_<split>.txt give the columns labels and "
+                    "difficult."),
+    }
+    for name, (summary, how) in sources.items():
+        p = prep_sets.add_parser(
+            name,
+            help=summary,
+            description="Decode, convert to RGB, resize the shorter side to 256, centre-crop 256x256 and write "
+            f"Parquet shards plus manifest.json to OUT. {how} Reruns resume; a complete output is left alone "
+            "unless --overwrite.",
+        )
+        p.add_argument("--source", required=True, metavar="SRC", help="folder or s3://bucket/prefix")
+        p.add_argument("--out", required=True, metavar="OUT", help="folder or s3://bucket/prefix for the shards")
+        if name == "imagenet":
+            p.add_argument("--layout", choices=("official", "kaggle", "imagefolder"), help="skip auto-detection")
+        p.add_argument("--format", choices=("jpeg", "raw"), default="jpeg", help="stored image encoding (default jpeg)")
+        p.add_argument("--quality", type=int, default=90, help="JPEG quality of stored images (default 90)")
+        p.add_argument("--size", type=int, default=256, help="shorter side and crop size (default 256, the paper)")
+        p.add_argument("--resample", choices=("bilinear", "bicubic", "lanczos", "box"), default="bilinear",
+                       help="resize filter, antialiased (default bilinear)")
+        p.add_argument("--no-draft", dest="draft", action="store_false",
+                       help="decode large JPEGs at full scale instead of libjpeg's reduced-scale decoding")
+        p.add_argument("--shard-rows", type=int, help="images per shard (default: about 96 MB per shard)")
+        p.add_argument("--max-bad-fraction", type=_positive_fraction, default=0.01,
+                       help="fail when more than this fraction of inputs cannot be decoded (default 0.01)")
+        p.add_argument("--overwrite", action="store_true", help="rebuild OUT from scratch")
+        p.add_argument("--seed", type=int, default=0, help="seed of the train-row order across shards")
+        p.add_argument("--ray-address", help="Ray cluster to run on (default: RAY_ADDRESS, else local)")
+        p.set_defaults(handler=_prepare)
 
     # stats
     s = commands.add_parser(
@@ -247,7 +273,50 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--size", type=int, default=320, help="typical longer side of the images")
     y.add_argument("--seed", type=int, default=0)
     y.add_argument("--no-quirks", dest="quirks", action="store_false", help="only clean RGB JPEGs")
-    y.set_defaults(handler=_synth_imagenet)
+    y.set_defaults(handler=_synth)
+
+    per_class = "images per class"
+    transfer_synths = {
+        "caltech101": (
+            "a small, learnable Caltech-101 (101_ObjectCategories.tar.gz and/or caltech-101.zip)",
+            "Write a deterministic Caltech-101 with real, mixed-case category names, per-class counts spread over "
+            "[--min-per-class, --max-per-class] and a BACKGROUND_Google folder that readers must exclude.",
+            [("--classes", dict(type=int, default=5)),
+             ("--min-per-class", dict(type=int, default=35, help=f"fewest {per_class} (default 35)")),
+             ("--max-per-class", dict(type=int, default=85, help=f"most {per_class} (default 85)")),
+             ("--background", dict(type=int, default=10, help="images in BACKGROUND_Google (default 10)")),
+             ("--archive", dict(choices=("tar.gz", "zip", "both"), default="tar.gz",
+                                help="101_ObjectCategories.tar.gz, caltech-101.zip wrapping it, or both"))],
+        ),
+        "flowers102": (
+            "a small, learnable Flowers-102 (102flowers.tgz, imagelabels.mat, setid.mat)",
+            "Write a deterministic Flowers-102 with 1-based labels and trnid/valid/tstid splits in real .mat files.",
+            [("--classes", dict(type=int, default=5)),
+             ("--train-per-class", dict(type=int, default=10, help=f"train {per_class} (default 10)")),
+             ("--val-per-class", dict(type=int, default=10, help=f"val {per_class} (default 10)")),
+             ("--test-per-class", dict(type=int, default=15, help=f"test {per_class} (default 15)"))],
+        ),
+        "voc2007": (
+            "a small, learnable VOC 2007 (the trainval and test tars)",
+            "Write deterministic VOCtrainval_06-Nov-2007.tar and VOCtest_06-Nov-2007.tar: 1 to --max-objects "
+            "objects of different classes per image, XML annotations with <difficult>, and ImageSets/Main lists for "
+            "every class and split (with difficult-only 0 entries).",
+            [("--train", dict(type=int, default=40, help="train images (default 40)")),
+             ("--val", dict(type=int, default=40, help="val images (default 40)")),
+             ("--test", dict(type=int, default=60, help="test images (default 60)")),
+             ("--max-objects", dict(type=int, default=3, help="most objects per image (default 3)"))],
+        ),
+    }
+    for name, (summary, description, options) in transfer_synths.items():
+        y = syn_sets.add_parser(name, help=summary, description=description)
+        y.add_argument("--out", required=True, metavar="DIR")
+        for flag, spec in options:
+            y.add_argument(flag, **spec)
+        y.add_argument("--size", type=int, default=256, help="typical longer side of the images")
+        y.add_argument("--seed", type=int, default=0)
+        y.add_argument("--corrupt", type=int, default=0,
+                       help="replace this many images by truncated JPEGs (for reject tests; default 0)")
+        y.set_defaults(handler=_synth)
     return parser
 
 
