@@ -61,7 +61,8 @@ def _prepare(args: argparse.Namespace) -> int:
         args.source,
         args.out,
         recipe=ImageRecipe(
-            size=args.size, resample=args.resample, draft=args.draft, image_format=args.format, quality=args.quality
+            size=args.size, resample=args.resample, draft=args.draft, image_format=args.format, quality=args.quality,
+            decoder=args.decoder,
         ),
         layout=getattr(args, "layout", None),
         shard_rows=args.shard_rows,
@@ -202,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="resize filter, antialiased (default bilinear)")
         p.add_argument("--no-draft", dest="draft", action="store_false",
                        help="decode large JPEGs at full scale instead of libjpeg's reduced-scale decoding")
+        p.add_argument("--decoder", choices=("turbo", "pillow"), default="turbo",
+                       help="JPEG decoder: libjpeg-turbo 3 via simplejpeg (default; the same pixels, faster) or "
+                       "Pillow's; PNG, CMYK and damaged files always go through Pillow")
         p.add_argument("--shard-rows", type=int, help="images per shard (default: about 96 MB per shard)")
         p.add_argument("--max-bad-fraction", type=_positive_fraction, default=0.01,
                        help="fail when more than this fraction of inputs cannot be decoded (default 0.01)")

@@ -5,10 +5,18 @@ rectangular image, we first rescaled the image such that the shorter side was of
 the central 256x256 patch from the resulting image."
 
 Used by the Ray Data preprocessing (``pipelines.prepare``), the statistics pass, the transfer datasets, the
-benchmarks and the tests alike. Two speed-ups keep the output equivalent to the plain recipe:
+benchmarks and the tests alike. Three speed-ups keep the output equivalent to the plain recipe:
 
+- JPEGs are decoded by libjpeg-turbo 3 through ``simplejpeg`` (``ImageRecipe.decoder="turbo"``, the default):
+  the same pixels as Pillow's decoder (tested), in less time (docs/benchmarks.md). Everything else (PNG, CMYK,
+  12-bit, lossless, damaged or oversized JPEGs) goes through Pillow, which also words the rejects;
+  ``decoder="pillow"`` decodes every file with Pillow. (One byte-level difference: Pillow copies a source JPEG's
+  comment into the stored JPEG; the turbo path stores none.)
 - JPEG *draft mode*: libjpeg decodes large images directly at 1/2, 1/4 or 1/8 scale (in the DCT domain) when the
-  result still has a shorter side of at least 256, so a 3000x2000 photo is never fully decoded.
+  result still has a shorter side of at least 256, so a 3000x2000 photo is never fully decoded. Both decoders
+  choose the same scale (Pillow's ``draft`` rule). libjpeg-turbo's other M/8 scales (e.g. 6/8, which would cover
+  the common 500x375) are not used: they differ from a full decode by about 5/255 per pixel on photos and are not
+  faster (entropy decoding dominates, and only the 8x8 IDCT has SIMD code).
 - the resize only computes the 256x256 output pixels of the centre crop (Pillow's ``box`` argument), with the same
   filter and scale as resizing the whole image and then cropping.
 """
@@ -16,11 +24,17 @@ benchmarks and the tests alike. Two speed-ups keep the output equivalent to the 
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+try:  # libjpeg-turbo 3 with a lean Python binding; a project dependency, optional only for a partial install
+    import simplejpeg
+except ImportError:  # pragma: no cover - exercised only without the dependency
+    simplejpeg = None
 
 RESAMPLE_FILTERS = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -29,6 +43,9 @@ RESAMPLE_FILTERS = {
     "box": Image.Resampling.BOX,
 }
 IMAGE_FORMATS = ("jpeg", "raw")
+DECODERS = ("turbo", "pillow")
+#: JPEG colour spaces libjpeg-turbo converts to RGB itself; CMYK/YCCK (Adobe) files go through Pillow.
+_TURBO_COLORSPACES = frozenset({"YCbCr", "Gray", "RGB"})
 
 
 class DecodeError(ValueError):
@@ -44,8 +61,11 @@ class ImageRecipe:
     draft: bool = True  #: let libjpeg decode large JPEGs at a reduced scale
     image_format: str = "jpeg"  #: "jpeg" (encoded bytes) or "raw" (HWC uint8 RGB bytes)
     quality: int = 90  #: JPEG quality of the stored 256x256 image
+    decoder: str = "turbo"  #: JPEG decoder: "turbo" (libjpeg-turbo 3 via simplejpeg) or "pillow"
 
     def __post_init__(self) -> None:
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, not {self.decoder!r}")
         if self.resample not in RESAMPLE_FILTERS:
             raise ValueError(f"resample must be one of {sorted(RESAMPLE_FILTERS)}, not {self.resample!r}")
         if self.image_format not in IMAGE_FORMATS:
@@ -56,19 +76,79 @@ class ImageRecipe:
             raise ValueError(f"size must be positive, not {self.size}")
 
 
-def decode(data: bytes, *, min_side: int | None = None) -> Image.Image:
+def decode(data: bytes, *, min_side: int | None = None, decoder: str = "turbo") -> Image.Image:
     """Decode any image Pillow reads (JPEG, PNG, CMYK or grayscale JPEGs...) to an RGB image.
 
-    With ``min_side``, JPEGs are decoded at the smallest DCT scale whose shorter side is still >= ``min_side``.
+    With ``min_side``, JPEGs are decoded at the smallest DCT scale (1/1, 1/2, 1/4, 1/8) whose shorter side is still
+    >= ``min_side``. ``decoder`` is ``"turbo"`` (libjpeg-turbo via simplejpeg for plain JPEGs) or ``"pillow"``.
     Raises ``DecodeError`` with a short reason for empty, truncated, corrupt or unknown files.
     """
-    return _decode(data, min_side)[0]
+    img = _decode(data, min_side, decoder)[0]
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _decode(data: bytes, min_side: int | None) -> tuple[Image.Image, tuple[int, int]]:
-    """(RGB image, size of the source as stored in the file); draft mode may return a smaller image."""
+def draft_scale(width: int, height: int, min_side: int | None) -> int:
+    """The denominator (1, 2, 4 or 8) of the DCT scale Pillow's ``draft`` picks for ``min_side`` (its rule)."""
+    if not min_side:
+        return 1
+    scale = min(width // min_side, height // min_side)
+    return next((s for s in (8, 4, 2) if scale >= s), 1)
+
+
+def _decode_turbo(data: bytes, min_side: int | None, *, scratch: bool = False
+                  ) -> tuple[Image.Image, tuple[int, int]] | None:
+    """libjpeg-turbo's decode of a plain 8-bit JPEG at Pillow's draft scale; ``None``: leave the file to Pillow.
+
+    Anything unusual (not a JPEG, CMYK, more pixels than Pillow allows, any libjpeg error or warning) returns
+    ``None``, so Pillow decides: it decodes what it can as before and words the reasons of what it cannot.
+
+    The image is an "RGBX" view of the decoded pixels (Pillow's own layout of RGB, so no copy is made); with
+    ``scratch`` they live in this thread's reusable buffer, valid only until its next ``scratch`` decode.
+    """
+    if simplejpeg is None or data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in _TURBO_COLORSPACES or width * height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+            return None
+        s = draft_scale(width, height, min_side)
+        out_h, out_w = -(-height // s), -(-width // s)  # libjpeg's size at scale 1/s
+        # simplejpeg picks the smallest M/8 scale whose size is >= the minimum: exactly 1/s here
+        pixels = simplejpeg.decode_jpeg(
+            data, colorspace="RGBX", min_height=out_h, min_width=out_w, strict=True,
+            buffer=_scratch_buffer(out_h * out_w * 4) if scratch else None,
+        )
+    except ValueError:  # simplejpeg's error for anything libjpeg-turbo rejects or warns about
+        return None
+    h, w = pixels.shape[:2]
+    if h < 1 or w < 1:
+        return None
+    return Image.frombuffer("RGBX", (w, h), pixels, "raw", "RGBX", 0, 1), (width, height)
+
+
+_scratch = threading.local()
+_SCRATCH_MAX = 16 << 20  # larger decodes (full-scale decoding of huge photos) get a buffer of their own
+
+
+def _scratch_buffer(nbytes: int) -> np.ndarray | None:
+    """This thread's decode buffer (reused: a fresh one per image costs page faults, ~20% of a decode)."""
+    if nbytes > _SCRATCH_MAX:
+        return None
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _scratch.buf = np.empty(max(nbytes, 1 << 20), np.uint8)
+    return buf
+
+
+def _decode(data: bytes, min_side: int | None, decoder: str = "turbo", *, scratch: bool = False
+            ) -> tuple[Image.Image, tuple[int, int]]:
+    """(RGB or RGBX image, size of the source as stored in the file); draft mode may return a smaller image."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
+    if decoder == "turbo":
+        decoded = _decode_turbo(data, min_side, scratch=scratch)
+        if decoded is not None:
+            return decoded
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -105,8 +185,9 @@ def resize_center_crop(img: Image.Image, *, size: int = 256, resample: str = "bi
 
 
 def encode(img: Image.Image, *, image_format: str = "jpeg", quality: int = 90) -> bytes:
+    """An RGB (or RGBX: the padding is dropped) image -> stored bytes."""
     if image_format == "raw":
-        return img.tobytes()
+        return (img if img.mode == "RGB" else img.convert("RGB")).tobytes()
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
@@ -114,7 +195,7 @@ def encode(img: Image.Image, *, image_format: str = "jpeg", quality: int = 90) -
 
 def preprocess(data: bytes, recipe: ImageRecipe = ImageRecipe()) -> tuple[bytes, tuple[int, int]]:
     """Source file bytes -> (stored image bytes, original (width, height)). Raises ``DecodeError``."""
-    img, source_size = _decode(data, recipe.size if recipe.draft else None)
+    img, source_size = _decode(data, recipe.size if recipe.draft else None, recipe.decoder, scratch=True)
     out = resize_center_crop(img, size=recipe.size, resample=recipe.resample)
     return encode(out, image_format=recipe.image_format, quality=recipe.quality), source_size
 
@@ -128,7 +209,7 @@ def decode_stored(blob: bytes, *, image_format: str = "jpeg", size: int = 256) -
 
 
 def pillow_info() -> dict[str, object]:
-    """Which Pillow build does the work (pillow-simd versions end in .postN)."""
+    """Which Pillow build and JPEG decoder do the work (pillow-simd versions end in .postN)."""
     import PIL
     from PIL import features
 
@@ -136,4 +217,5 @@ def pillow_info() -> dict[str, object]:
         "pillow": PIL.__version__,
         "simd": ".post" in PIL.__version__,
         "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo")),
+        "simplejpeg": getattr(simplejpeg, "__version__", None),
     }

@@ -106,3 +106,92 @@ def test_recipe_validates_its_parameters():
         ImageRecipe(image_format="webp")
     with pytest.raises(ValueError, match="quality"):
         ImageRecipe(quality=0)
+    with pytest.raises(ValueError, match="decoder"):
+        ImageRecipe(decoder="djpeg")
+
+
+def _photo_like(w: int, h: int, seed: int = 0) -> Image.Image:
+    """Smooth structure plus pixel noise: every DCT coefficient matters, so any decoding difference shows."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([np.sin(xx / (17 + 9 * c) + c) * np.cos(yy / (23 + 5 * c)) for c in range(3)], -1)
+    return Image.fromarray(np.clip(128 + 80 * base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    "w,h,kw",
+    [
+        (500, 375, {}),  # the common ImageNet size: full scale
+        (375, 500, {"subsampling": 0}),  # 4:4:4
+        (501, 333, {"subsampling": 1}),  # 4:2:2, odd sizes (partial MCUs)
+        (640, 480, {"progressive": True}),
+        (3000, 2250, {"quality": 92}),  # draft: 1/8
+        (1100, 530, {}),  # draft: 1/2, the scale from the shorter side
+        (20, 15, {}),  # smaller than 256: upscaled
+    ],
+)
+def test_turbo_decoder_gives_pillows_pixels(w, h, kw):
+    data = _encode(_photo_like(w, h), **kw)
+    for draft in (True, False):
+        turbo, size_t = imaging.preprocess(data, ImageRecipe(draft=draft, image_format="raw", decoder="turbo"))
+        pillow, size_p = imaging.preprocess(data, ImageRecipe(draft=draft, image_format="raw", decoder="pillow"))
+        assert size_t == size_p == (w, h)
+        assert turbo == pillow  # byte for byte
+    assert imaging._decode_turbo(data, 256) is not None  # ... and libjpeg-turbo really decoded it
+    for min_side in (None, 256):
+        a, b = imaging.decode(data, min_side=min_side), imaging.decode(data, min_side=min_side, decoder="pillow")
+        assert a.mode == b.mode == "RGB" and a.size == b.size
+        assert a.tobytes() == b.tobytes()
+
+
+def test_turbo_decoder_gives_pillows_pixels_for_grayscale_and_stored_jpegs():
+    gray = _encode(_photo_like(300, 280).convert("L"))
+    assert imaging._decode_turbo(gray, 256) is not None
+    assert imaging.decode(gray).tobytes() == imaging.decode(gray, decoder="pillow").tobytes()
+    raw, _ = imaging.preprocess(gray, ImageRecipe(image_format="raw"))
+    assert raw == imaging.preprocess(gray, ImageRecipe(image_format="raw", decoder="pillow"))[0]
+    # the stored JPEG: the same encoder on the same pixels
+    a, _ = imaging.preprocess(_encode(_photo_like(500, 375)))
+    b, _ = imaging.preprocess(_encode(_photo_like(500, 375)), ImageRecipe(decoder="pillow"))
+    assert a == b
+
+
+def test_turbo_decoder_leaves_unusual_files_to_pillow():
+    rgb = _photo_like(300, 200)
+    cmyk = _encode(rgb.convert("CMYK"), "JPEG", quality=95)
+    png = _encode(rgb, "PNG")
+    truncated = _encode(rgb)[:2000]
+    for data in (cmyk, png, truncated, b"\xff\xd8\xff garbage"):
+        assert imaging._decode_turbo(data, 256) is None
+    assert imaging.decode(cmyk).tobytes() == imaging.decode(cmyk, decoder="pillow").tobytes()
+    assert imaging.decode(png).tobytes() == rgb.tobytes()
+    for decoder in ("turbo", "pillow"):  # the same reasons for what cannot be decoded
+        with pytest.raises(DecodeError, match="truncated or corrupt: image file is truncated"):
+            imaging.preprocess(truncated, ImageRecipe(decoder=decoder))
+        with pytest.raises(DecodeError, match="identify"):
+            imaging.preprocess(b"\xff\xd8\xff garbage", ImageRecipe(decoder=decoder))
+
+
+def test_turbo_decoder_keeps_pillows_pixel_limit(monkeypatch):
+    data = _encode(_photo_like(600, 400))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # 240,000 pixels: over twice the limit
+    for decoder in ("turbo", "pillow"):
+        with pytest.raises(DecodeError, match="too many pixels"):
+            imaging.preprocess(data, ImageRecipe(decoder=decoder))
+
+
+def test_decoded_images_do_not_share_the_scratch_buffer():
+    a, b = _encode(_photo_like(500, 375, seed=1)), _encode(_photo_like(500, 375, seed=2))
+    img = imaging.decode(a)
+    before = img.tobytes()
+    imaging.preprocess(b)  # reuses this thread's decode buffer
+    assert img.tobytes() == before
+
+
+def test_draft_scale_follows_pillows_rule():
+    assert imaging.draft_scale(500, 375, 256) == 1
+    assert imaging.draft_scale(512, 600, 256) == 2
+    assert imaging.draft_scale(1100, 530, 256) == 2
+    assert imaging.draft_scale(3000, 2250, 256) == 8
+    assert imaging.draft_scale(20, 15, 256) == 1
+    assert imaging.draft_scale(3000, 2250, None) == 1
