@@ -36,8 +36,9 @@ benchmark-train: $(STAMP)  ## training input pipeline vs ImageFolder+DataLoader;
 	$(BIN)/python benchmarks/train_input.py
 	$(BIN)/python benchmarks/train_step.py
 
+# One worker process: a personal UI starts in seconds (MLflow's default of 4 is for a shared server).
 mlflow-ui: $(STAMP)  ## the MLflow UI on the default store (sqlite:///mlflow.db), bound to 127.0.0.1
-	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port $${MLFLOW_PORT:-5000}
+	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port $${MLFLOW_PORT:-5000} --workers 1
 
 clean:  ## remove build and run outputs (keeps .venv)
 	rm -rf .pytest_cache build *.egg-info runs
