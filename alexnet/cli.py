@@ -128,6 +128,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _transfer(args: argparse.Namespace) -> int:
+    from alexnet.transfer import run_from_args
+
+    run_from_args(args)
+    return 0
+
+
 # --- the parser -------------------------------------------------------------------------------------------------
 
 
@@ -257,6 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not log to MLflow (default: log into the checkpoint's training run, MLFLOW_TRACKING_URI "
                    "or sqlite:///mlflow.db)")
     e.set_defaults(handler=_evaluate)
+
+    # transfer
+    from alexnet.config import add_transfer_arguments
+
+    tr = commands.add_parser(
+        "transfer",
+        help="transfer learning: linear probe or fine-tuning on Caltech-101, Flowers-102, VOC 2007",
+        description="Evaluate an ImageNet checkpoint on a prepared transfer dataset with its standard protocol "
+        "(Caltech-101: 30 train / at most 50 test per class, 5 splits, mean per-class accuracy; Flowers-102: "
+        "trnid/valid/tstid, mean per-class accuracy; VOC 2007: trainval/test, 11-point mAP) by a linear probe on "
+        "fc7/fc6 features (Ray Data actors) or by fine-tuning (Ray Train). Settings: the `transfer:` section of "
+        "--config plus --set transfer.KEY=VALUE. Logs an MLflow run with the results beside the literature.",
+    )
+    add_transfer_arguments(tr)
+    tr.set_defaults(handler=_transfer)
 
     # synth
     syn = commands.add_parser("synth", help="write small synthetic datasets in the official formats")

@@ -90,12 +90,54 @@ class TrackingConfig:
     registered_model: str = ""  #: register the final model under this name ("" = do not register)
 
 
+TRANSFER_DATASETS = ("caltech101", "flowers102", "voc2007")
+TRANSFER_METHODS = ("probe", "finetune")
+
+
+@dataclass
+class TransferConfig:
+    """Transfer learning (``alexnet.transfer``): the datasets' standard protocols, a linear probe and fine-tuning.
+
+    Probe (DeCAF, Donahue et al. 2014; Razavian et al. 2014): centre-crop features of ``probe_layers``, L2-normalised,
+    and a linear classifier whose C is chosen on a validation split from ``c_grid``, then refit on train+val.
+    Fine-tuning (Caffe's "finetune" recipe): fc8 replaced, every layer trained with SGD, the pre-trained layers at
+    ``backbone_lr_mult`` times the new layer's ``lr``, with the paper's augmentation.
+    """
+
+    datasets: list[str] = field(default_factory=lambda: ["caltech101", "flowers102", "voc2007"])
+    methods: list[str] = field(default_factory=lambda: ["probe", "finetune"])
+    probe_layers: list[str] = field(default_factory=lambda: ["fc7", "fc6"])  #: the first is the headline number
+    classifier: Literal["logreg", "svm"] = "logreg"  #: logistic regression or a linear SVM (one-vs-rest)
+    c_grid: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0])  #: inverse regularisation
+    feature_norm: Literal["l2", "none"] = "l2"
+    feature_batch_size: int = 128
+    feature_actors: int = 0  #: Ray Data actors extracting features; 0 = one per GPU (use_gpu), else CPUs - 1
+    caltech_train_per_class: int = 30  #: Caltech-101 protocol: 30 training images per class ...
+    caltech_test_per_class: int = 50  #: ... and the rest, at most 50 per class, for testing
+    caltech_splits: int = 5  #: seeded random splits, mean and std reported
+    caltech_val_per_class: int = 5  #: held out of the training images to choose C, then refit on all of them
+    finetune_splits: int = 5  #: Caltech-101 splits that are fine-tuned (each one a training run)
+    epochs: int = 30  #: fine-tuning epochs
+    batch_size: int = 128  #: global fine-tuning batch
+    lr: float = 0.01  #: learning rate of the new fc8
+    backbone_lr_mult: float = 0.1  #: pre-trained layers learn at lr * this (Caffe: 0.001 vs 0.01)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    step_epochs: list[int] = field(default_factory=lambda: [20, 27])  #: divide the learning rates by 10 at these
+    num_workers: int = 1  #: Ray Train workers for fine-tuning (one per GPU)
+    use_gpu: bool = False  #: fine-tuning workers and feature actors on GPUs
+    cpus_per_worker: float = 1.0
+    seed: int = 0
+    storage_path: str = "runs/transfer"  #: Ray Train storage for fine-tuning checkpoints (folder or s3://)
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -210,3 +252,22 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """The preset named by ``--config`` with ``--set`` overrides and ``--data`` applied."""
     overrides = list(args.overrides) + ([f"data.data={args.data}"] if args.data else [])
     return load_config(args.config, overrides)
+
+
+def add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``alexnet transfer`` (one definition)."""
+    parser.add_argument("dataset", choices=TRANSFER_DATASETS)
+    parser.add_argument("--data", required=True, help="the prepared dataset (`alexnet prepare DATASET ...`)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint of `alexnet train` (folder or checkpoint.pt) or torchvision AlexNet weights")
+    parser.add_argument("--method", choices=TRANSFER_METHODS, default="probe")
+    parser.add_argument("--config", default=None, help="a preset whose `transfer:` section to use")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="transfer.KEY=VALUE",
+                        help="override a transfer setting, e.g. --set transfer.epochs=10 (repeatable)")
+    parser.add_argument("--imagenet-stats", default=None,
+                        help="prepared ImageNet holding the stats.json/mean_image.npy the checkpoint was trained with "
+                             "(default: the dataset in the checkpoint's config)")
+    parser.add_argument("--ray-address", help="Ray cluster (default: RAY_ADDRESS, else local)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite)")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the preset's)")
+    parser.add_argument("--no-tracking", dest="tracking", action="store_false", help="do not log to MLflow")

@@ -16,11 +16,10 @@ import torch
 
 from alexnet.augment import Augmentation
 from alexnet.config import Config
+from alexnet.results import PAPER_VAL_ERRORS
 
 log = logging.getLogger(__name__)
 
-#: ILSVRC-2012 validation error of one CNN in the paper (Table 2), 10 crops.
-PAPER_VAL_ERRORS = {"top1_err": 0.407, "top5_err": 0.182}
 
 
 def evaluate_checkpoint(

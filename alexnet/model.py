@@ -27,6 +27,7 @@ module is the ReLU after the layer, so the hook sees post-ReLU activations (``fc
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -119,22 +120,37 @@ class AlexNet(nn.Module):
         dropout that follows); ``pool5``: the last max-pool's output ``[N, 256, 6, 6]``; ``fc8``: logits.
         Dropout is active only in training mode, as in ``forward``: call ``model.eval()`` for features.
         """
-        if layer not in self.tap_points:
-            raise ValueError(f"unknown layer {layer!r}; choose one of {sorted(self.tap_points)}")
-        target = self.get_submodule(self.tap_points[layer])
+        return self.forward_taps(x, (layer,))[layer]
+
+    def forward_taps(self, x: torch.Tensor, layers: Sequence[LayerName]) -> dict[str, torch.Tensor]:
+        """The activations of several ``layers`` (see :meth:`forward_features`) from one forward pass that stops
+        at the deepest of them. Each is a tensor of its own (a later in-place ReLU cannot change it)."""
+        unknown = [name for name in layers if name not in self.tap_points]
+        if unknown:
+            raise ValueError(f"unknown layer(s) {unknown}; choose from {sorted(self.tap_points)}")
+        wanted = {id(self.get_submodule(self.tap_points[name])): name for name in layers}
+        out: dict[str, torch.Tensor] = {}
+
+        def visit(module: nn.Module, value: torch.Tensor) -> bool:
+            name = wanted.get(id(module))
+            if name is not None:
+                out[name] = value.clone() if len(wanted) > 1 else value
+            return len(out) == len(wanted)
+
         for module in self.features:
             x = module(x)
-            if module is target:
-                return x
+            if visit(module, x):
+                return out
         x = self.avgpool(x)
-        if self.avgpool is target:
-            return x
+        if visit(self.avgpool, x):
+            return out
         x = torch.flatten(x, 1)
         for module in self.classifier:
             x = module(x)
-            if module is target:
-                return x
-        raise RuntimeError(f"module {self.tap_points[layer]!r} for layer {layer!r} is not on the forward path")
+            if visit(module, x):
+                return out
+        missing = sorted(set(wanted.values()) - set(out))
+        raise RuntimeError(f"layer(s) {missing} are not on the forward path")
 
 
 def _dropout(p: float) -> nn.Module:

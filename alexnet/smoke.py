@@ -5,7 +5,8 @@ Runs ``flows.alexnet_flow.alexnet_flow`` in this process: Prefect's temporary lo
 unless ``MLFLOW_TRACKING_URI`` is set). The flow synthesises the official ILSVRC-2012 files (with the real
 archive's quirks), prepares them with Ray Data into Parquet shards, computes the PCA statistics, trains the paper's
 network with Ray Train (2 CPU workers, ``configs/smoke.yaml``), evaluates the final checkpoint with the centre crop
-and the paper's ten crops, registers the model as ``alexnet-smoke`` (alias ``champion``) and prints a summary.
+and the paper's ten crops, registers the model as ``alexnet-smoke`` (alias ``champion``), transfers it to synthetic
+Caltech-101, Flowers-102 and VOC 2007 (linear probe and fine-tuning, the standard protocols) and prints a summary.
 A rerun skips the stages that completed (Prefect's cache, kept in ``WORKDIR/prefect-results``).
 """
 
@@ -30,20 +31,22 @@ SMOKE_MODEL = "alexnet-smoke"
 
 def run_smoke(workdir: str | Path = "runs/smoke", *, overrides: list[str] | None = None) -> dict:
     """Run the ``alexnet`` flow on the smoke data under ``workdir``; returns the summary the flow returns (rows and
-    rejects per split, eigenvalues, errors with 1 and 10 crops, MLflow ids, stage states and timings)."""
+    rejects per split, eigenvalues, errors with 1 and 10 crops, the transfer table, MLflow ids, stage states and
+    timings)."""
     from flows.alexnet_flow import alexnet_flow
 
     workdir = Path(workdir).resolve()
     return alexnet_flow(
         preset=str(SMOKE_PRESET),
         overrides=[f"train.storage_path={workdir / 'ray'}", f"tracking.registered_model={SMOKE_MODEL}",
-                   *(overrides or [])],
+                   f"transfer.storage_path={workdir / 'transfer-ray'}", *(overrides or [])],
         raw_uri=str(workdir / "imagenet-official"),
         data_uri=str(workdir / "prepared"),
         synthetic=True,
         synthetic_spec=SMOKE_DATA,
         shard_rows=128,
         results_dir=str(workdir / "prefect-results"),
+        transfer_data={"raw_root": str(workdir / "transfer-raw"), "data_root": str(workdir / "transfer")},
     )
 
 

@@ -20,6 +20,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,9 @@ class LRSchedule:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group at ``lr``, times the group's ``lr_mult`` where it has one (fine-tuning)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
@@ -129,10 +131,14 @@ def train_one_epoch(
     bf16: bool = False,
     channels_last: bool = False,
     label_smoothing: float = 0.0,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     log_every: int = 0,
     epoch: int = 0,
 ) -> dict[str, float]:
-    """One pass over ``batches`` (an iterable of ``Batch`` with uint8 images); local sums, not all-reduced."""
+    """One pass over ``batches`` (an iterable of ``Batch`` with uint8 images); local sums, not all-reduced.
+
+    The loss is cross-entropy on class indices unless ``loss_fn(logits, labels)`` says otherwise (fine-tuning on
+    multi-label VOC passes binary cross-entropy on multi-hot labels; ``correct`` then stays 0)."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     started = time.perf_counter()
@@ -144,13 +150,17 @@ def train_one_epoch(
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+            if loss_fn is None:
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+            else:
+                loss = loss_fn(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         n = labels.shape[0]
         loss_sum += float(loss.detach()) * n
-        correct += int((logits.detach().argmax(1) == labels).sum())
+        if labels.ndim == 1:
+            correct += int((logits.detach().argmax(1) == labels).sum())
         seen += n
         if log_every and (step + 1) % log_every == 0:
             rate = seen / (time.perf_counter() - started)
@@ -335,8 +345,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                             run_id=mlflow_run_id, parent_run_id=loop_config.get("parent_run_id"),
                             tags=loop_config.get("tags"))
         mlflow_run_id = tracker.run_id
-        tracker.log_params(cfg.flat() | {"derived.num_classes": num_classes, "derived.world_size": world,
-                                         "derived.per_worker_batch": per_worker_batch, "derived.lr": lr})
+        training_params = {k: v for k, v in cfg.flat().items() if not k.startswith("transfer.")}
+        tracker.log_params(training_params | {"derived.num_classes": num_classes, "derived.world_size": world,
+                                              "derived.per_worker_batch": per_worker_batch, "derived.lr": lr})
 
     common = dict(rank=rank, world_size=world, decode_threads=cfg.data.decode_threads or None,
                   pin_memory=device.type == "cuda")
@@ -405,6 +416,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 # --- the driver ----------------------------------------------------------------------------------------------------
 
 
+def ray_storage(uri: str) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` for ``ray.train.RunConfig`` from a folder or ``s3://`` URI (pyarrow's
+    S3 filesystem gets the endpoint explicitly: it ignores ``AWS_ENDPOINT_URL``)."""
+    from pipelines import storage
+
+    path = storage.absolute(uri)
+    if storage.is_s3(path):
+        fs, path = storage.filesystem(path)
+        return path, fs
+    return path, None
+
+
+def checkpoint_uri_of(result: Any, storage_filesystem: Any) -> str | None:
+    """The URI of a Ray Train result's latest checkpoint (``s3://`` when the storage is S3)."""
+    if result.checkpoint is None:
+        return None
+    return result.checkpoint.path if storage_filesystem is None else f"s3://{result.checkpoint.path}"
+
+
 @dataclass
 class TrainResult:
     metrics: dict[str, Any]
@@ -429,10 +459,7 @@ def run_training(cfg: Config, *, ray_address: str | None = None, tracking: bool 
     prepare.load_manifest(cfg.data.data)  # fail here, clearly, rather than in every worker
     ensure_ray(ray_address)
 
-    storage_path = storage.absolute(cfg.train.storage_path)
-    storage_filesystem = None
-    if storage.is_s3(storage_path):
-        storage_filesystem, storage_path = storage.filesystem(storage_path)
+    storage_path, storage_filesystem = ray_storage(cfg.train.storage_path)
     loop_config: dict[str, Any] = {"config": cfg.to_dict(), "parent_run_id": parent_run_id,
                                    "tags": {"git_commit": git_commit(),
                                             "data_manifest_sha256": prepare.manifest_hash(cfg.data.data),
@@ -458,9 +485,7 @@ def run_training(cfg: Config, *, ray_address: str | None = None, tracking: bool 
         ),
     )
     result = trainer.fit()
-    checkpoint_uri = None
-    if result.checkpoint is not None:
-        checkpoint_uri = result.checkpoint.path if storage_filesystem is None else f"s3://{result.checkpoint.path}"
+    checkpoint_uri = checkpoint_uri_of(result, storage_filesystem)
     history = []
     if checkpoint_uri:
         history = load_checkpoint(checkpoint_uri).get("history", [])

@@ -8,8 +8,15 @@ Stages, each a task calling exactly one library function (the same one the CLI c
     stats         pipelines.stats.compute_stats               stats.json + mean_image.npy
     train         alexnet.train.run_training                  Ray Train, MLflow training run from rank 0
     evaluate      alexnet.evaluate.evaluate_checkpoint        centre crop and the paper's 10 crops
-    [post-training stages]  POST_TRAINING_STAGES, in order    "register" (MLflow registry alias); transfer plugs in here
+    [post-training stages]  POST_TRAINING_STAGES, in the order of ``post_training``:
+      register    promote_model                               MLflow registry alias for the best model
+      transfer    per dataset of the preset's ``transfer`` section (Caltech-101, Flowers-102, VOC 2007):
+                  [synthesize|download] + prepare (prepare_dataset), then per method
+                  alexnet.transfer.run_transfer               linear probe (Ray Data actors) / fine-tuning (Ray Train)
     report        format_report                               the short summary (printed and returned)
+
+With ``checkpoint`` the ImageNet stages are skipped and the post-training stages transfer from that checkpoint
+(deployment ``alexnet/transfer``).
 
 **Resume.** Every stage task persists its (small, plain) result and is cached on its inputs plus what it reads:
 ``prepare`` on a listing of ``raw_uri`` (paths, sizes, modification times), ``stats``/``train``/``evaluate`` on
@@ -30,9 +37,9 @@ flow run id, the git commit, the data manifest sha256 and the stats sha256; one 
 and an MLflow table, and its errors as metrics of the parent.
 
 **Where the heavy stages run.** Without a Ray address, in this process on a local Ray (as ``make smoke``). With
-``ray_address`` (or ``RAY_ADDRESS``) prepare, stats, train and evaluate are submitted to that cluster as **Ray jobs**
-running the CLI (``python -m alexnet.cli prepare imagenet ...``, ``python -m alexnet.train ...``) with the
-repository as ``working_dir``; their logs stream into the task's log and a failed or stopped job fails the stage
+``ray_address`` (or ``RAY_ADDRESS``) prepare, stats, train, evaluate and transfer are submitted to that cluster as
+**Ray jobs** running the CLI (``python -m alexnet.cli prepare imagenet ...``, ``python -m alexnet.train ...``) with
+the repository as ``working_dir``; their logs stream into the task's log and a failed or stopped job fails the stage
 with the tail of its logs. The address may be the dashboard (``http://head:8265``), the GCS (``head:6379``) or a
 Ray Client address. Ray 2.60 clusters started with ``ray start --head`` require token authentication: the process
 running the flow needs ``RAY_AUTH_MODE=token`` and the cluster's token (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``
@@ -50,9 +57,7 @@ Run it::
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import re
@@ -68,11 +73,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE, CachePolicy
 from pydantic import BaseModel, Field
 
+from alexnet.results import PAPER_VAL_ERRORS, csv_text, imagenet_table, markdown
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-#: ILSVRC-2012 validation error of one CNN in the paper (Table 2), 10 crops; the same as
-#: ``alexnet.evaluate.PAPER_VAL_ERRORS`` (not imported: that module imports torch).
-PAPER_1CNN_10CROP = {"top1_err": 0.407, "top5_err": 0.182}
 
 #: Left out of the Ray jobs' ``working_dir`` on top of ``.gitignore`` (which Ray applies itself).
 RAY_JOB_EXCLUDES = [".git", ".venv", "runs", "mlruns", "mlflow.db", "data", ".bench", "test-artifacts", ".pytest_cache",
@@ -332,13 +336,27 @@ def synthesize(raw_uri: str, *, classes: int, train_per_class: int, val_per_clas
     return {"raw_uri": raw_uri, "classes": len(info.wnids), "train": len(info.train), "val": len(info.val)}
 
 
+@task(name="synthesize-transfer", task_run_name="synthesize-{dataset}", cache_policy=INPUTS, persist_result=True)
+def synthesize_transfer(dataset: str, raw_uri: str) -> dict[str, Any]:
+    """``write_synthetic``: a small, learnable ``dataset`` (caltech101, flowers102, voc2007) in its official archive
+    format, written into ``raw_uri`` (a local folder)."""
+    from pipelines.synth import write_synthetic
+
+    out = Path(raw_uri)
+    if out.exists() and any(out.iterdir()) and not (out / "synth_info.json").exists():
+        raise ValueError(f"refusing to write synthetic data into {raw_uri}: it holds other files")
+    info = write_synthetic(dataset, out)
+    return {"raw_uri": raw_uri, "classes": len(info.classes), "images": {k: len(v) for k, v in info.splits.items()}}
+
+
 @task(name="download", cache_policy=INPUTS, persist_result=True, retries=3, retry_delay_seconds=[10, 60, 300],
       retry_condition_fn=_worth_retrying)
-def download(source_uri: str, raw_uri: str, *, verify: bool) -> list[str]:
-    """The three official ILSVRC-2012 files from ``source_uri`` (https://, s3:// or a folder) into ``raw_uri``."""
-    from pipelines.download import download_imagenet
+def download(source_uri: str, raw_uri: str, *, verify: bool, dataset: str = "imagenet") -> list[str]:
+    """``download_dataset``: the official files of ``dataset`` from ``source_uri`` (https://, s3:// or a folder)
+    into ``raw_uri``, checksums verified."""
+    from pipelines.download import download_dataset
 
-    return [str(p) for p in download_imagenet(source_uri, raw_uri, verify=verify, progress=False)]
+    return [str(p) for p in download_dataset(dataset, source_uri, raw_uri, verify=verify, progress=False)]
 
 
 def _dataset_summary(manifest: dict[str, Any], data_uri: str, manifest_sha256: str) -> dict[str, Any]:
@@ -358,23 +376,23 @@ def _dataset_summary(manifest: dict[str, Any], data_uri: str, manifest_sha256: s
       retry_condition_fn=_worth_retrying)
 def prepare(raw_uri: str, data_uri: str, *, shard_rows: int | None, max_bad_fraction: float,
             image_format: Literal["jpeg", "raw"], quality: int, ray_address: str | None,
-            job_env: dict[str, str] | None = None) -> dict[str, Any]:
-    """``prepare_imagenet``: decode, resize, crop and shard ``raw_uri`` into ``data_uri`` with Ray Data."""
+            job_env: dict[str, str] | None = None, dataset: str = "imagenet") -> dict[str, Any]:
+    """``prepare_dataset``: decode, resize, crop and shard ``raw_uri`` into ``data_uri`` with Ray Data."""
     from pipelines import prepare as prep
     from pipelines import storage
 
     if ray_address:
-        argv = ["-m", "alexnet.cli", "prepare", "imagenet", "--source", raw_uri, "--out", data_uri,
+        argv = ["-m", "alexnet.cli", "prepare", dataset, "--source", raw_uri, "--out", data_uri,
                 "--max-bad-fraction", str(max_bad_fraction), "--format", image_format, "--quality", str(quality)]
-        run_ray_job(ray_address, "prepare", argv + (["--shard-rows", str(shard_rows)] if shard_rows else []),
-                    env=job_env)
+        run_ray_job(ray_address, "prepare" if dataset == "imagenet" else f"prepare-{dataset}",
+                    argv + (["--shard-rows", str(shard_rows)] if shard_rows else []), env=job_env)
         manifest = prep.load_manifest(data_uri)
     else:
         from pipelines.imaging import ImageRecipe
 
-        manifest = prep.prepare_imagenet(raw_uri, data_uri, recipe=ImageRecipe(image_format=image_format,
-                                                                                quality=quality),
-                                         shard_rows=shard_rows, max_bad_fraction=max_bad_fraction)
+        manifest = prep.prepare_dataset(dataset, raw_uri, data_uri,
+                                        recipe=ImageRecipe(image_format=image_format, quality=quality),
+                                        shard_rows=shard_rows, max_bad_fraction=max_bad_fraction)
     return _dataset_summary(manifest, data_uri, _sha256(storage.read_bytes(storage.join(data_uri, prep.MANIFEST))))
 
 
@@ -438,21 +456,28 @@ def format_report(summary: dict[str, Any]) -> str:
     """The short, human summary of a flow run."""
     lines = [f"alexnet flow run {summary['prefect'].get('flow_run_name')} ({summary['prefect'].get('flow_run_id')})"]
     for name, s in summary["stages"].items():
-        lines.append(f"  {name:<11} {s['state']:<9} {s['seconds']:8.1f} s")
-    splits = ", ".join(f"{k} {v['rows']} rows ({v['rejected']} rejected)" for k, v in summary["splits"].items())
-    lines.append(f"data: {summary['data']}: {splits}")
-    if summary.get("train"):
+        lines.append(f"  {name:<26} {s['state']:<9} {s['seconds']:8.1f} s")
+    if "splits" in summary:  # the ImageNet stages ran (not a transfer-only run from a given checkpoint)
+        splits = ", ".join(f"{k} {v['rows']} rows ({v['rejected']} rejected)" for k, v in summary["splits"].items())
+        lines.append(f"data: {summary['data']}: {splits}")
         lines.append(f"train: {summary['train'].get('epochs')} epochs, checkpoint {summary['train'].get('checkpoint')}")
-    for name, err in summary.get("val_error", {}).items():
-        lines.append(f"val error, {name}: top-1 {100 * err['top1']:.1f}%, top-5 {100 * err['top5']:.1f}%")
-    paper = summary["paper_val_error"]["10 crops"]
-    lines.append(f"paper, 1 CNN, 10 crops (ImageNet): top-1 {100 * paper['top1']:.1f}%, "
-                 f"top-5 {100 * paper['top5']:.1f}%; chance here: {100 * summary['chance_top1_error']:.1f}%")
+        for name, err in summary.get("val_error", {}).items():
+            lines.append(f"val error, {name}: top-1 {100 * err['top1']:.1f}%, top-5 {100 * err['top5']:.1f}%")
+        paper = summary["paper_val_error"]["10 crops"]
+        lines.append(f"paper, 1 CNN, 10 crops (ImageNet): top-1 {100 * paper['top1']:.1f}%, "
+                     f"top-5 {100 * paper['top5']:.1f}%; chance here: {100 * summary['chance_top1_error']:.1f}%")
+    else:
+        lines.append(f"checkpoint: {summary.get('checkpoint')}")
+    table = summary.get("transfer")
+    for i in range(len((table or {}).get("dataset", []))):
+        lines.append(f"transfer {table['dataset'][i]:<10} {table['method'][i]:<8} {table['layer'][i]:<16} "
+                     f"{table['metric'][i]} {table['this_run_pct'][i]:.1f}% (+-{table['std_pct'][i]:.1f}; "
+                     f"literature {table['literature_pct'][i]:.1f}%, chance {table['chance_pct'][i]:.1f}%)")
     if summary.get("registered_model"):
         m = summary["registered_model"]
         lines.append(f"model: {m['name']} version {m['version']}" + (f" (@{m['alias']})" if m.get("alias") else ""))
     ml = summary["mlflow"]
-    lines.append(f"MLflow: parent run {ml['parent_run_id']}, training run {ml['run_id']} in experiment "
+    lines.append(f"MLflow: parent run {ml['parent_run_id']}, training run {ml['run_id'] or '-'} in experiment "
                  f"{ml['experiment']!r} at {ml['tracking_uri']}")
     lines.append(f"open the UI: {ml['ui']}")
     return "\n".join(lines)
@@ -494,30 +519,6 @@ class Lineage:
         self.client().log_text(run_id, text, name)
 
 
-def results_table(evaluations: dict[int, dict[str, Any]], *, preset: str) -> dict[str, list]:
-    """Columns of the results table: this run's errors (per crop count) next to the paper's 1-CNN result."""
-    rows = [(f"this run ({Path(preset).name}, {e['images']} val images)", crops, e["top1_err"], e["top5_err"])
-            for crops, e in sorted(evaluations.items())]
-    rows.append(("paper, 1 CNN (ILSVRC-2012 val)", 10, PAPER_1CNN_10CROP["top1_err"], PAPER_1CNN_10CROP["top5_err"]))
-    return {"model": [r[0] for r in rows], "crops": [r[1] for r in rows],
-            "top1_err_pct": [round(100 * r[2], 2) for r in rows], "top5_err_pct": [round(100 * r[3], 2) for r in rows]}
-
-
-def _markdown(table: dict[str, list]) -> str:
-    keys = list(table)
-    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    out += ["| " + " | ".join(str(table[k][i]) for k in keys) + " |" for i in range(len(table[keys[0]]))]
-    return "\n".join(out) + "\n"
-
-
-def _csv(table: dict[str, list]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(table)
-    writer.writerows(zip(*table.values()))
-    return buf.getvalue()
-
-
 # --- post-training stages ---------------------------------------------------------------------------------------------
 
 
@@ -536,6 +537,9 @@ class PipelineState:
     job_env: dict[str, str]
     parameters: dict[str, Any]
     outputs: dict[str, Any] = field(default_factory=dict)  #: each post-training stage's result, by name
+    #: ``task_with(task, stage, missing)``: the task with the flow's result storage and refresh options
+    task_with: Callable[..., Any] = lambda t, stage, missing=False: t
+    imagenet_stats: str | None = None  #: prepared ImageNet with the statistics the checkpoint was trained with
 
 
 @task(name="register", cache_policy=NO_CACHE)
@@ -581,24 +585,122 @@ def promote_model(tracking_uri: str, model_name: str, training_run_id: str, alia
             "alias_reason": reason, "top1_err": err}
 
 
-def register_stage(state: PipelineState) -> Callable[[], Any] | None:
+def register_stage(state: PipelineState, stages: _Stages) -> dict[str, Any] | None:
     """Post-training stage "register": the registry step of ``tracking.registered_model`` (skipped when unset)."""
     name = state.config["tracking"]["registered_model"]
     if not name or not state.config["tracking"]["log_model"] or not state.training_run_id:
         return None
     best = state.evaluations[max(state.evaluations)]  # the most crops: the paper's protocol
-    return lambda: register(state.lineage.tracking_uri, name, state.training_run_id,
-                                           state.parameters["model_alias"], best,
-                                           {"prefect.flow_run_id": _flow_run_id() or "",
-                                            "mlflow.parent_run_id": state.lineage.run_id},
-                                           return_state=True)
+    (result,) = stages.run("register", lambda: register(
+        state.lineage.tracking_uri, name, state.training_run_id, state.parameters["model_alias"], best,
+        {"prefect.flow_run_id": _flow_run_id() or "", "mlflow.parent_run_id": state.lineage.run_id},
+        return_state=True))
+    return result
+
+
+class TransferData(BaseModel):
+    """Where the transfer stage finds each dataset's official archives and where its prepared copy goes."""
+
+    raw_root: str = Field("runs/smoke/transfer-raw",
+                          description="<raw_root>/<dataset>/ holds the dataset's official archives (folder or s3://)")
+    data_root: str = Field("runs/smoke/transfer", description="<data_root>/<dataset>/ receives the prepared dataset")
+    source_uri: str | None = Field(None, description="download the archives from <source_uri>/<dataset>/ first "
+                                   "(https://, s3:// or a folder), MD5s verified")
+    synthetic: bool | None = Field(None, description="write small synthetic datasets into raw_root first; "
+                                   "default: as the flow's `synthetic`")
+    max_bad_fraction: float = 0.01
+    imagenet_stats: str | None = Field(None, description="prepared ImageNet holding the stats.json the checkpoint was "
+                                       "trained with; default: data_uri, or with `checkpoint` the one in its config")
+
+
+#: Not part of a transfer result's identity: where it runs and the MLflow lineage of the flow run calling it.
+TRANSFER_CACHE = _inputs_except(*_NOT_KEYED, "parent_run_id", "tags") + DatasetVersion(parameter="data_uri")
+
+
+@task(name="transfer", task_run_name="transfer-{dataset}-{method}", cache_policy=TRANSFER_CACHE, persist_result=True)
+def transfer(dataset: str, method: str, data_uri: str, checkpoint: str, *, config: dict[str, Any],
+             imagenet_stats: str | None, tracking_uri: str, experiment: str, parent_run_id: str | None,
+             tags: dict[str, str], ray_address: str | None, job_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``run_transfer``: probe or fine-tune ``checkpoint`` on ``dataset`` under the dataset's standard protocol."""
+    if ray_address:
+        argv = ["-m", "alexnet.cli", "transfer", dataset, "--data", data_uri, "--checkpoint", checkpoint,
+                "--method", method, "--tracking-uri", tracking_uri, "--experiment", experiment,
+                *_config_argv({"transfer": config})]
+        logs = run_ray_job(ray_address, f"transfer-{dataset}-{method}",
+                           argv + (["--imagenet-stats", imagenet_stats] if imagenet_stats else []), env=job_env)
+        result = last_json_block(logs)
+        if result.get("mlflow_run_id") and parent_run_id:  # the job's run joins this flow run's lineage
+            import mlflow
+
+            client = mlflow.MlflowClient(tracking_uri)
+            for k, v in {**tags, "mlflow.parentRunId": parent_run_id}.items():
+                client.set_tag(result["mlflow_run_id"], k, v)
+        return result
+    from alexnet.config import TransferConfig
+    from alexnet.transfer import run_transfer, summarize
+
+    return summarize(run_transfer(dataset, data_uri, checkpoint, method=method, config=TransferConfig(**config),
+                                  imagenet_stats=imagenet_stats, tracking_uri=tracking_uri, experiment=experiment,
+                                  parent_run_id=parent_run_id, tags=tags))
+
+
+def transfer_stage(state: PipelineState, stages: _Stages) -> dict[str, Any] | None:
+    """Post-training stage "transfer": for each dataset of the preset's ``transfer`` section, its data (synthesise or
+    download, then prepare: stage ``transfer-<dataset>-data``) and each method (stage ``transfer-<dataset>-<method>``,
+    whose MLflow run ``run_transfer`` makes under the parent run); then the table of all of them, beside the
+    literature, on the parent run."""
+    from alexnet.results import transfer_table
+    from pipelines import storage
+
+    if not state.checkpoint:
+        return None
+    cfg = state.config["transfer"]
+    spec = TransferData.model_validate(state.parameters.get("transfer_data") or {})
+    synthetic = spec.synthetic if spec.synthetic is not None else bool(state.parameters.get("synthetic"))
+    image_format = state.parameters.get("image_format", "jpeg")
+    quality = state.parameters.get("quality", 90)
+    results = []
+    for dataset in cfg["datasets"]:
+        raw = storage.absolute(storage.join(spec.raw_root, dataset))
+        data = storage.absolute(storage.join(spec.data_root, dataset))
+        calls = []
+        if synthetic:
+            calls.append(lambda raw=raw, dataset=dataset: state.task_with(
+                synthesize_transfer, "synthesize", not storage.exists(storage.join(raw, "synth_info.json")))(
+                    dataset, raw, return_state=True))
+        elif spec.source_uri:
+            calls.append(lambda raw=raw, dataset=dataset: state.task_with(download, "download")(
+                storage.join(spec.source_uri, dataset), raw, verify=state.parameters.get("download_verify", True),
+                dataset=dataset, return_state=True))
+        calls.append(lambda raw=raw, data=data, dataset=dataset: state.task_with(
+            prepare, "prepare", not storage.exists(storage.join(data, "manifest.json")))(
+                raw, data, shard_rows=None, max_bad_fraction=spec.max_bad_fraction, image_format=image_format,
+                quality=quality, ray_address=state.ray_address, job_env=state.job_env, dataset=dataset,
+                return_state=True))
+        stages.run(f"transfer-{dataset}-data", *calls, log=lambda run, r: run.log_dict(r[-1], "dataset.json"))
+        for method in cfg["methods"]:
+            def run(data=data, dataset=dataset, method=method):
+                return state.task_with(transfer, "transfer")(
+                    dataset, method, data, state.checkpoint, config=cfg,
+                    imagenet_stats=spec.imagenet_stats or state.imagenet_stats,
+                    tracking_uri=state.lineage.tracking_uri, experiment=state.lineage.experiment,
+                    parent_run_id=state.lineage.run_id, tags={"prefect.flow_run_id": _flow_run_id() or ""},
+                    ray_address=state.ray_address, job_env=state.job_env, return_state=True)
+
+            (result,) = stages.run(f"transfer-{dataset}-{method}", run, child_run=False)
+            results.append(result)
+    table = transfer_table(results)
+    _log_table(state.lineage, state.lineage.run_id, table, "transfer_results", {"results": results})
+    state.lineage.parent.log_metrics({f"transfer_{r['dataset']}_{r['method']}_{r['metric']}": r["value"]
+                                      for r in results}, step=0)
+    return {"results": results, "table": table}
 
 
 #: Stages after evaluation, by name, run in the order of the flow's ``post_training`` parameter. Each takes the
-#: ``PipelineState`` and returns a thunk that calls one task with ``return_state=True`` (or None to skip); its result
-#: lands in ``state.outputs[name]`` and the summary. The transfer-learning stage (``alexnet.transfer``: Caltech-101,
-#: Flowers-102, VOC 2007) plugs in here: ``POST_TRAINING_STAGES["transfer"] = transfer_stage``.
-POST_TRAINING_STAGES: dict[str, Callable[[PipelineState], Callable[[], Any] | None]] = {"register": register_stage}
+#: ``PipelineState`` and the flow's stage runner, runs its tasks through ``stages.run`` and returns its result (None:
+#: nothing to do), which lands in ``state.outputs[name]`` and the summary.
+POST_TRAINING_STAGES: dict[str, Callable[[PipelineState, _Stages], dict[str, Any] | None]] = {
+    "register": register_stage, "transfer": transfer_stage}
 
 
 # --- the flow ---------------------------------------------------------------------------------------------------------
@@ -672,8 +774,10 @@ def alexnet_flow(
     mlflow_tracking_uri: str | None = None,
     results_dir: str | None = None,
     refresh: list[str] = [],  # noqa: B006
-    post_training: list[str] = ["register"],  # noqa: B006
+    post_training: list[str] = ["register", "transfer"],  # noqa: B006
     model_alias: str = "champion",
+    checkpoint: str | None = None,
+    transfer_data: TransferData = TransferData(),
 ) -> dict[str, Any]:
     """AlexNet from the official ILSVRC-2012 files to a paper-comparable results table, resumable and tracked.
 
@@ -698,6 +802,9 @@ def alexnet_flow(
         refresh: stages to recompute even when cached (``["all"]`` for every one).
         post_training: stages after evaluation, from ``POST_TRAINING_STAGES``.
         model_alias: registry alias given to the model when it is the best so far (``tracking.registered_model``).
+        checkpoint: transfer from this ImageNet checkpoint (``alexnet train`` checkpoint or torchvision weights)
+            instead of training one: the ImageNet stages do not run (the ``alexnet/transfer`` deployment).
+        transfer_data: where the transfer stage finds each dataset's archives and puts its prepared copy.
     """
     from alexnet.config import load_config
     from alexnet.tracking import git_commit, resolve_tracking_uri
@@ -721,6 +828,7 @@ def alexnet_flow(
     cfg.tracking.tracking_uri = tracking_uri = resolve_tracking_uri(mlflow_tracking_uri or cfg.tracking.tracking_uri
                                                                     or None)
     config = cfg.to_dict()
+    training_config = {k: v for k, v in config.items() if k != "transfer"}  # transfer settings do not change training
     job_env = _job_env(tracking_uri) if ray_address else {}
 
     options: dict[str, Any] = {}
@@ -742,98 +850,109 @@ def alexnet_flow(
                 tracking_uri, f"as Ray jobs on {ray_address}" if ray_address else "in this process (local Ray)")
     stages = _Stages(lineage)
     try:
-        if synthetic:
-            spec = synthetic_spec.model_dump()
-            stages.run("synthesize", lambda: task_with(synthesize, "synthesize", missing=not storage.exists(
-                storage.join(raw_uri, "synth_info.json")))(raw_uri, **spec, return_state=True),
-                log=lambda run, r: run.log_params(spec))
-        if source_uri:
-            from pipelines.formats import IMAGENET_FILES
-
-            missing = not all(storage.exists(storage.join(raw_uri, f)) for f in IMAGENET_FILES)
-            stages.run("download", lambda: task_with(download, "download", missing)(
-                source_uri, raw_uri, verify=download_verify, return_state=True))
-
-        from pipelines.prepare import MANIFEST
-        from pipelines.stats import STATS
-
-        (dataset,) = stages.run("prepare", lambda: task_with(
-            prepare, "prepare", missing=not storage.exists(storage.join(data_uri, MANIFEST)))(
-                raw_uri, data_uri, shard_rows=shard_rows, max_bad_fraction=max_bad_fraction,
-                image_format=image_format, quality=quality, ray_address=ray_address, job_env=job_env,
-                return_state=True),
-            log=lambda run, r: (run.log_dict(r[0], "dataset.json"),
-                                run.set_tags({"data_manifest_sha256": r[0]["manifest_sha256"]})))
-        lineage.parent.set_tags({"data_manifest_sha256": dataset["manifest_sha256"]})
-
-        (computed,) = stages.run("stats", lambda: task_with(
-            stats, "stats", missing=not storage.exists(storage.join(data_uri, STATS)))(
-                data_uri, ray_address=ray_address, job_env=job_env, return_state=True),
-            log=lambda run, r: (run.log_dict(r[0], "stats.json"),
-                                run.set_tags({"stats_sha256": r[0].get("mean_image_sha256", "")})))
-        stats_sha = computed.get("mean_image_sha256") or _sha256(json.dumps(computed, sort_keys=True).encode())
-        lineage.parent.set_tags({"stats_sha256": stats_sha})
-
-        lineage_tags = {"alexnet.stage": "train", "prefect.flow_run_id": str(run_id), "git_commit": git_commit(),
-                        "data_manifest_sha256": dataset["manifest_sha256"], "stats_sha256": stats_sha}
-        train_state: dict[str, Any] = {}
-
-        def run_train():
-            state = task_with(train, "train")(config, data_uri, parent_run_id=lineage.run_id, tags=lineage_tags,
-                                              ray_address=ray_address, job_env=job_env, return_state=True)
-            train_state["cached"] = state.name == "Cached"
-            return state
-
-        # The training run (made by rank 0 of run_training) is this stage's child run; a cached train stage gets a
-        # child run of its own that points at the earlier training run.
-        (trained,) = stages.run("train", run_train, child_run=False)
-        training_run_id = trained.get("mlflow_run_id")
-        if training_run_id:
-            _adopt_training_run(lineage, training_run_id, lineage_tags, cached=train_state["cached"])
-        lineage.parent.set_tags({"alexnet.training_run_id": training_run_id or ""})
-        lineage.parent.log_metrics({f"train_{k}": v for k, v in trained["metrics"].items() if k != "epoch"}, step=0)
-
-        evaluate_task = task_with(evaluate, "evaluate")
-        gpus = 1 if cfg.train.use_gpu else 0
-        results = stages.run("evaluate", *[
-            (lambda n=n: evaluate_task(trained["checkpoint"], data_uri, crops=n, batch_size=eval_batch_size,
-                                       limit=eval_limit, ray_address=ray_address, job_env=job_env, gpus=gpus,
-                                       return_state=True)) for n in sorted(crops)],
-            log=lambda run, r: _log_evaluations(lineage, run.run_id, training_run_id, r, preset))
-        evaluations = {e["crops"]: e for e in results}
-        _log_evaluations(lineage, lineage.run_id, None, results, preset)
-
-        state = PipelineState(config, data_uri, trained["checkpoint"], training_run_id, evaluations, lineage,
-                              ray_address, job_env, dict(flow_run.parameters or {}) | {"model_alias": model_alias})
-        for name in post_training:
-            call = POST_TRAINING_STAGES[name](state)
-            if call is None:
-                logger.info("post-training stage %s: nothing to do", name)
-                continue
-            (state.outputs[name],) = stages.run(name, call)
-
-        summary = {
-            "data": data_uri,
-            "splits": dataset["splits"],
-            "rejects": dataset["rejects"],
-            "eigval": [round(v, 6) for v in computed["eigval"]],
-            "mean_rgb": [round(v, 4) for v in computed["mean_rgb"]],
-            "train": {"epochs": trained.get("epochs"), "checkpoint": trained["checkpoint"],
-                      "val_top1_err": trained["metrics"].get("val_top1_err")},
-            "val_error": {f"{c} crop{'s' if c > 1 else ''}": {"top1": round(e["top1_err"], 4),
-                                                              "top5": round(e["top5_err"], 4)}
-                          for c, e in sorted(evaluations.items())},
-            "paper_val_error": {"10 crops": {"top1": PAPER_1CNN_10CROP["top1_err"],
-                                             "top5": PAPER_1CNN_10CROP["top5_err"]}},
-            "chance_top1_error": round(1 - 1 / dataset["num_classes"], 4),
-            "mlflow": {"run_id": training_run_id, "parent_run_id": lineage.run_id, "tracking_uri": tracking_uri,
+        summary: dict[str, Any] = {
+            "mlflow": {"run_id": None, "parent_run_id": lineage.run_id, "tracking_uri": tracking_uri,
                        "experiment": cfg.tracking.experiment, "ui": _ui_hint(tracking_uri)},
             "prefect": {"flow_run_id": str(run_id), "flow_run_name": run_name},
-            "data_manifest_sha256": dataset["manifest_sha256"],
-            "stats_sha256": stats_sha,
-            "post_training": state.outputs,
-            "registered_model": state.outputs.get("register"),
         }
+        if checkpoint:  # transfer from a given ImageNet checkpoint: the ImageNet stages do not run
+            trained_checkpoint, training_run_id, evaluations = checkpoint, None, {}
+            summary["checkpoint"] = checkpoint
+        else:
+            if synthetic:
+                spec = synthetic_spec.model_dump()
+                stages.run("synthesize", lambda: task_with(synthesize, "synthesize", missing=not storage.exists(
+                    storage.join(raw_uri, "synth_info.json")))(raw_uri, **spec, return_state=True),
+                    log=lambda run, r: run.log_params(spec))
+            if source_uri:
+                from pipelines.formats import IMAGENET_FILES
+
+                missing = not all(storage.exists(storage.join(raw_uri, f)) for f in IMAGENET_FILES)
+                stages.run("download", lambda: task_with(download, "download", missing)(
+                    source_uri, raw_uri, verify=download_verify, return_state=True))
+
+            from pipelines.prepare import MANIFEST
+            from pipelines.stats import STATS
+
+            (dataset,) = stages.run("prepare", lambda: task_with(
+                prepare, "prepare", missing=not storage.exists(storage.join(data_uri, MANIFEST)))(
+                    raw_uri, data_uri, shard_rows=shard_rows, max_bad_fraction=max_bad_fraction,
+                    image_format=image_format, quality=quality, ray_address=ray_address, job_env=job_env,
+                    return_state=True),
+                log=lambda run, r: (run.log_dict(r[0], "dataset.json"),
+                                    run.set_tags({"data_manifest_sha256": r[0]["manifest_sha256"]})))
+            lineage.parent.set_tags({"data_manifest_sha256": dataset["manifest_sha256"]})
+
+            (computed,) = stages.run("stats", lambda: task_with(
+                stats, "stats", missing=not storage.exists(storage.join(data_uri, STATS)))(
+                    data_uri, ray_address=ray_address, job_env=job_env, return_state=True),
+                log=lambda run, r: (run.log_dict(r[0], "stats.json"),
+                                    run.set_tags({"stats_sha256": r[0].get("mean_image_sha256", "")})))
+            stats_sha = computed.get("mean_image_sha256") or _sha256(json.dumps(computed, sort_keys=True).encode())
+            lineage.parent.set_tags({"stats_sha256": stats_sha})
+
+            lineage_tags = {"alexnet.stage": "train", "prefect.flow_run_id": str(run_id), "git_commit": git_commit(),
+                            "data_manifest_sha256": dataset["manifest_sha256"], "stats_sha256": stats_sha}
+            train_state: dict[str, Any] = {}
+
+            def run_train():
+                state = task_with(train, "train")(training_config, data_uri, parent_run_id=lineage.run_id,
+                                                  tags=lineage_tags,
+                                                  ray_address=ray_address, job_env=job_env, return_state=True)
+                train_state["cached"] = state.name == "Cached"
+                return state
+
+            # The training run (made by rank 0 of run_training) is this stage's child run; a cached train stage gets a
+            # child run of its own that points at the earlier training run.
+            (trained,) = stages.run("train", run_train, child_run=False)
+            training_run_id = trained.get("mlflow_run_id")
+            if training_run_id:
+                _adopt_training_run(lineage, training_run_id, lineage_tags, cached=train_state["cached"])
+            lineage.parent.set_tags({"alexnet.training_run_id": training_run_id or ""})
+            lineage.parent.log_metrics({f"train_{k}": v for k, v in trained["metrics"].items() if k != "epoch"}, step=0)
+
+            evaluate_task = task_with(evaluate, "evaluate")
+            gpus = 1 if cfg.train.use_gpu else 0
+            results = stages.run("evaluate", *[
+                (lambda n=n: evaluate_task(trained["checkpoint"], data_uri, crops=n, batch_size=eval_batch_size,
+                                           limit=eval_limit, ray_address=ray_address, job_env=job_env, gpus=gpus,
+                                           return_state=True)) for n in sorted(crops)],
+                log=lambda run, r: _log_evaluations(lineage, run.run_id, training_run_id, r, preset))
+            evaluations = {e["crops"]: e for e in results}
+            _log_evaluations(lineage, lineage.run_id, None, results, preset)
+
+            trained_checkpoint = trained["checkpoint"]
+            summary.update({
+                "data": data_uri,
+                "splits": dataset["splits"],
+                "rejects": dataset["rejects"],
+                "eigval": [round(v, 6) for v in computed["eigval"]],
+                "mean_rgb": [round(v, 4) for v in computed["mean_rgb"]],
+                "train": {"epochs": trained.get("epochs"), "checkpoint": trained["checkpoint"],
+                          "val_top1_err": trained["metrics"].get("val_top1_err")},
+                "val_error": {f"{c} crop{'s' if c > 1 else ''}": {"top1": round(e["top1_err"], 4),
+                                                                  "top5": round(e["top5_err"], 4)}
+                              for c, e in sorted(evaluations.items())},
+                "paper_val_error": {"10 crops": {"top1": PAPER_VAL_ERRORS["top1_err"],
+                                                 "top5": PAPER_VAL_ERRORS["top5_err"]}},
+                "chance_top1_error": round(1 - 1 / dataset["num_classes"], 4),
+                "data_manifest_sha256": dataset["manifest_sha256"],
+                "stats_sha256": stats_sha,
+            })
+            summary["mlflow"]["run_id"] = training_run_id
+
+        state = PipelineState(config, data_uri, trained_checkpoint, training_run_id, evaluations, lineage,
+                              ray_address, job_env, dict(flow_run.parameters or {}) | {"model_alias": model_alias},
+                              task_with=task_with, imagenet_stats=None if checkpoint else data_uri)
+        for name in post_training:
+            result = POST_TRAINING_STAGES[name](state, stages)
+            if result is None:
+                logger.info("post-training stage %s: nothing to do", name)
+                continue
+            state.outputs[name] = result
+        summary["post_training"] = state.outputs
+        summary["registered_model"] = state.outputs.get("register")
+        summary["transfer"] = (state.outputs.get("transfer") or {}).get("table")
         summary["stages"] = dict(stages.record)
         summary["timings_s"] = {k: v["seconds"] for k, v in stages.record.items()}
         stages.run("report", lambda: report(summary, return_state=True), child_run=False)
@@ -878,6 +997,16 @@ def _adopt_training_run(lineage: Lineage, training_run_id: str, tags: dict[str, 
             client.set_tag(training_run_id, k, v)
 
 
+def _log_table(lineage: Lineage, run_id: str, table: dict[str, list], name: str, details: dict[str, Any]) -> None:
+    """A results table as ``<name>.json`` (rows plus ``details``), ``.md``, ``.csv`` and an MLflow table."""
+    client = lineage.client()
+    rows = [dict(zip(table, row)) for row in zip(*table.values())]
+    client.log_text(run_id, json.dumps({"results": rows, **details}, indent=2, default=str), f"{name}.json")
+    client.log_text(run_id, markdown(table), f"{name}.md")
+    client.log_text(run_id, csv_text(table), f"{name}.csv")
+    client.log_table(run_id, data=table, artifact_file=f"{name}_table.json")
+
+
 def _log_evaluations(lineage: Lineage, run_id: str, training_run_id: str | None, results: list[dict[str, Any]],
                      preset: str) -> None:
     """The results table (results.json, .md, .csv and an MLflow table) and the errors as metrics of ``run_id``;
@@ -886,19 +1015,14 @@ def _log_evaluations(lineage: Lineage, run_id: str, training_run_id: str | None,
 
     client = lineage.client()
     evaluations = {e["crops"]: e for e in results}
-    table = results_table(evaluations, preset=preset)
+    table = imagenet_table(evaluations, preset=preset)
     now = int(time.time() * 1000)
     metrics = []
     for crops, e in evaluations.items():
         metrics += [Metric(f"val_top1_err_{crops}crop", e["top1_err"], now, 0),
                     Metric(f"val_top5_err_{crops}crop", e["top5_err"], now, 0)]
     client.log_batch(run_id, metrics=metrics)
-    client.log_text(run_id, json.dumps({"results": [dict(zip(table, row)) for row in zip(*table.values())],
-                                        "evaluations": evaluations, "paper_1cnn_10crop": PAPER_1CNN_10CROP},
-                                       indent=2, default=str), "results.json")
-    client.log_text(run_id, _markdown(table), "results.md")
-    client.log_text(run_id, _csv(table), "results.csv")
-    client.log_table(run_id, data=table, artifact_file="results_table.json")
+    _log_table(lineage, run_id, table, "results", {"evaluations": evaluations, "paper_1cnn_10crop": PAPER_VAL_ERRORS})
     if training_run_id:
         try:
             client.log_batch(training_run_id, metrics=[

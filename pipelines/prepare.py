@@ -175,6 +175,8 @@ def process_shard(task: dict[str, Any]) -> dict[str, Any]:
             digest.update(block)
     nbytes = os.path.getsize(tmp)
     storage.upload_file(tmp, target)
+    if storage.is_s3(out):
+        os.rmdir(tmp_dir)  # the local staging folder of an S3 upload (the file itself was moved)
     record = {
         "split": task["split"],
         "shard": task["shard"],

@@ -101,3 +101,31 @@ def prepared(synth_root, ray_local, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "imagenet"
     prepare_imagenet(str(synth_root / "official"), str(out), shard_rows=16, max_bad_fraction=SYNTH_BAD_FRACTION)
     return out
+
+
+@pytest.fixture(scope="session")
+def train_data(ray_local, tmp_path_factory) -> str:
+    """A 10-class synthetic ImageNet, prepared, with statistics (training and transfer tests)."""
+    from pipelines.prepare import prepare_imagenet
+    from pipelines.stats import compute_stats
+    from pipelines.synth import write_synthetic_imagenet
+
+    root = tmp_path_factory.mktemp("train-data")
+    write_synthetic_imagenet(root / "src", classes=10, train_per_class=40, val_per_class=10, size=200, seed=3)
+    prepare_imagenet(str(root / "src"), str(root / "prepared"), shard_rows=100)
+    compute_stats(str(root / "prepared"))
+    return str(root / "prepared")
+
+
+@pytest.fixture(scope="session")
+def trained_imagenet(train_data, tmp_path_factory) -> dict:
+    """The smoke preset trained 3 epochs by 2 Ray Train workers on ``train_data`` (run ``learn``): the
+    training tests check it learned and logged; the transfer tests transfer from its checkpoint."""
+    from alexnet.config import load_config
+    from alexnet.train import run_training
+
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [
+        f"data.data={train_data}", f"train.storage_path={tmp / 'ray'}",
+        f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", "train.epochs=3", "train.run_name=learn"])
+    return {"result": run_training(cfg), "tmp": tmp}

@@ -74,20 +74,6 @@ def test_topk_correct():
 
 # --- Ray Train on CPU ------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def train_data(ray_local, tmp_path_factory) -> str:
-    """A 10-class synthetic ImageNet, prepared, with statistics."""
-    from pipelines.prepare import prepare_imagenet
-    from pipelines.stats import compute_stats
-    from pipelines.synth import write_synthetic_imagenet
-
-    root = tmp_path_factory.mktemp("train-data")
-    write_synthetic_imagenet(root / "src", classes=10, train_per_class=40, val_per_class=10, size=200, seed=3)
-    prepare_imagenet(str(root / "src"), str(root / "prepared"), shard_rows=100)
-    compute_stats(str(root / "prepared"))
-    return str(root / "prepared")
-
-
 def _config(data: str, tmp_path: Path, *overrides: str):
     return load_config(ROOT / "configs" / "smoke.yaml", [
         f"data.data={data}", f"train.storage_path={tmp_path / 'ray'}",
@@ -95,11 +81,8 @@ def _config(data: str, tmp_path: Path, *overrides: str):
 
 
 @pytest.mark.slow
-def test_two_workers_learn_and_log_to_mlflow(train_data, tmp_path, ray_local):
-    from alexnet.train import run_training
-
-    cfg = _config(train_data, tmp_path, "train.epochs=3", "train.run_name=learn")
-    result = run_training(cfg)
+def test_two_workers_learn_and_log_to_mlflow(trained_imagenet):
+    result, tmp_path = trained_imagenet["result"], trained_imagenet["tmp"]
     assert result.metrics["epoch"] == 3
     assert result.metrics["val_top1_err"] < 0.6, result.history  # chance is 0.9 with 10 classes
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
@@ -112,6 +95,7 @@ def test_two_workers_learn_and_log_to_mlflow(train_data, tmp_path, ray_local):
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.batch_size"] == "32" and run.data.params["derived.world_size"] == "2"
+    assert not [k for k in run.data.params if k.startswith("transfer.")]  # not a training setting
     assert len(client.get_metric_history(run.info.run_id, "val_top1_err")) == 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "history.json", "curves.png"} <= artifacts
