@@ -1,10 +1,11 @@
 """The Prefect flow ``alexnet`` (flows/alexnet_flow.py) and its deployments (prefect.yaml).
 
 Real Prefect throughout, no mocks: the in-process runs use ``prefect_test_harness`` (a temporary API with its own
-database), the deployment test a ``prefect server`` + process worker started here, the Ray test a ``ray start
---head`` with token authentication on private ports and a private temp dir. Every subprocess gets its own
-``PREFECT_HOME``; every server, worker and Ray head started here is stopped (its process group) even on failure.
-About 6-7 minutes on 2 cores for the slow tests together.
+database), the deployment test the README's commands (``prefect server`` + process worker) run here, the Ray test a
+``ray start --head`` with token authentication on private ports and a private temp dir, the S3 test a moto server on
+loopback, the UI test ``make mlflow-ui`` and Debian's headless Chromium (Selenium, no downloads). Every subprocess
+gets its own ``PREFECT_HOME``; every server, worker, browser and Ray head started here is stopped (its process group)
+even on failure. About 10 minutes on 2 cores for the slow tests together.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -166,12 +168,23 @@ def test_prefect_yaml_declares_one_deployment_per_preset():
 
 
 @pytest.fixture(scope="module")
-def flow_runs(ray_local, tmp_path_factory):
+def prefect_api():
+    """A temporary Prefect API (its own database) for the in-process flow runs of this module; local Ray only."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RAY_ADDRESS", raising=False)
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the harness's server inherits it
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+@pytest.fixture(scope="module")
+def flow_runs(ray_local, prefect_api, tmp_path_factory):
     """A flow run whose train stage fails (batch 3 on 2 workers), then the corrected rerun, against a temporary
     Prefect API; returns both states, the rerun's task runs and the paths used."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows import alexnet_flow
 
@@ -180,20 +193,15 @@ def flow_runs(ray_local, tmp_path_factory):
                   mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", results_dir=str(tmp / "results"),
                   **TINY_PARAMS)
     base = [*SHORT, f"train.storage_path={tmp / 'ray'}", "train.run_name=flow-test"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("RAY_ADDRESS", raising=False)
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the harness's server inherits it
-        with prefect_test_harness(server_startup_timeout=120):
-            started = time.perf_counter()
-            failed = alexnet_flow(overrides=[*base, "train.batch_size=3"], return_state=True, **common)
-            failed_s = time.perf_counter() - started
-            started = time.perf_counter()
-            rerun = alexnet_flow(overrides=[*base, "tracking.registered_model=alexnet-test"], return_state=True,
-                                 **common)
-            rerun_s = time.perf_counter() - started
-            with get_client(sync_client=True) as client:
-                task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
-                    id=FlowRunFilterId(any_=[rerun.state_details.flow_run_id])))
+    started = time.perf_counter()
+    failed = alexnet_flow(overrides=[*base, "train.batch_size=3"], return_state=True, **common)
+    failed_s = time.perf_counter() - started
+    started = time.perf_counter()
+    rerun = alexnet_flow(overrides=[*base, "tracking.registered_model=alexnet-test"], return_state=True, **common)
+    rerun_s = time.perf_counter() - started
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[rerun.state_details.flow_run_id])))
     print(f"failed run {failed_s:.0f} s, corrected rerun {rerun_s:.0f} s")
     return {"failed": failed, "rerun": rerun, "task_runs": task_runs, "tmp": tmp,
             "tracking_uri": common["mlflow_tracking_uri"]}
@@ -266,6 +274,171 @@ def test_mlflow_holds_the_parent_run_a_child_per_stage_and_the_results_table(flo
         f"tags.`prefect.flow_run_id` = '{flow_runs['failed'].state_details.flow_run_id}'"))
     (failed_parent,) = [r for r in failed_parent if "mlflow.parentRunId" not in r.data.tags]
     assert failed_parent.info.status == "FAILED" and "stage 'train' failed" in failed_parent.data.tags["alexnet.error"]
+
+
+# --- slow: the MLflow UI of the flow's store, in headless Chromium ----------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")  # Debian: chromium, chromium-driver
+#: Where browser tests leave their screenshots (git-ignored).
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def _require_chromium() -> None:
+    """Skip when Debian's chromium and chromium-driver are not installed; fail instead under ``.ci/run``, which
+    installs them and sets ALEXNET_REQUIRE_BROWSER."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        reason = (f"{CHROMIUM} or {CHROMEDRIVER} missing: `apt-get install chromium chromium-driver` "
+                  "(Debian; .ci/run installs them)")
+        if os.environ.get("ALEXNET_REQUIRE_BROWSER"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def _headless_chromium(tmp: Path):
+    """Debian's chromium through its chromedriver, both by path: Selenium Manager downloads nothing. A fresh profile;
+    no first-run, sync, component or background traffic."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1920,1080",
+                f"--user-data-dir={tmp / 'chromium-profile'}"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER), log_output=str(tmp / "chromedriver.log")),
+                            options=options)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_mlflow_ui_shows_the_flow_runs_in_headless_chromium(flow_runs, tmp_path, monkeypatch):
+    """`make mlflow-ui` on the flow's store (the command the flow's summary prints), opened in headless Chromium:
+    the experiment page renders the experiment and the parent runs, and expanding the corrected run's parent shows a
+    child run per stage. Leaves a screenshot in test-artifacts/."""
+    _require_chromium()
+    import mlflow
+    from selenium.common.exceptions import (ElementClickInterceptedException, StaleElementReferenceException,
+                                            TimeoutException)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager stays offline (it is not called: paths are given)
+    summary = flow_runs["rerun"].result()
+    tracking_uri, experiment = summary["mlflow"]["tracking_uri"], summary["mlflow"]["experiment"]
+    assert summary["mlflow"]["ui"].startswith(f"MLFLOW_TRACKING_URI={tracking_uri} make mlflow-ui")
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    parent = client.get_run(summary["mlflow"]["parent_run_id"])
+    children = sorted(r.info.run_name for r in client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"))
+    assert len(children) >= 6, children  # synthesize, prepare, stats, the training run, evaluate, register
+    (failed_parent,) = [r.info.run_name for r in client.search_runs([experiment_id], filter_string=(
+        f"tags.`prefect.flow_run_id` = '{flow_runs['failed'].state_details.flow_run_id}'"))
+        if "mlflow.parentRunId" not in r.data.tags]
+
+    (port,) = free_ports(1)
+    base = f"http://127.0.0.1:{port}"
+    env = _isolated_env(tmp_path, MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_PORT=str(port))
+    # The README's `make mlflow-ui`, with the store the summary names; -o: never (re)build .venv from a test.
+    ui = _start(["make", "-s", "-o", ".venv/.installed", "mlflow-ui", f"BIN={BIN}"], env, tmp_path / "mlflow-ui.log")
+    browser = None
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "mlflow-ui-experiment.png"
+    started = time.perf_counter()
+    try:
+        _wait_http(f"{base}/health", 180, proc=ui, log=tmp_path / "mlflow-ui.log", expect=b"OK")
+        print(f"make mlflow-ui answered in {time.perf_counter() - started:.1f} s")
+        browser = _headless_chromium(tmp_path)
+        started = time.perf_counter()
+        # MLflow 3 opens experiments in its GenAI view; the runs table is the "Model training" view.
+        browser.get(f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+        # React re-renders rows while data arrives: look elements up afresh on every poll
+        wait = WebDriverWait(browser, 120, poll_frequency=0.5,
+                             ignored_exceptions=[StaleElementReferenceException, ElementClickInterceptedException])
+
+        def run_links() -> set[str]:
+            """The run names rendered as links in the rows of the runs table."""
+            return {a.text.strip() for a in browser.find_elements(By.CSS_SELECTOR, "[role='row'] a")}
+
+        wait.until(lambda _: {parent.info.run_name, failed_parent} <= run_links(),
+                   f"the parent runs {parent.info.run_name}, {failed_parent} were not rendered")
+
+        def unfold(_) -> bool:  # child runs are folded under their parent: unfold the corrected run's
+            row = browser.find_element(By.XPATH, f"//a[normalize-space()='{parent.info.run_name}']"
+                                                 "/ancestor::*[@role='row'][1]")
+            row.find_element(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']").click()
+            return True
+
+        wait.until(unfold)
+        try:
+            wait.until(lambda _: set(children) <= run_links())
+        except TimeoutException:
+            raise AssertionError(f"child runs {children} not all shown: {sorted(run_links())}") from None
+        print(f"MLflow UI rendered the runs in {time.perf_counter() - started:.1f} s")
+        assert experiment in browser.find_element(By.TAG_NAME, "body").text  # breadcrumb and sidebar
+        assert {parent.info.run_name, failed_parent, *children} <= run_links()
+    finally:
+        if browser is not None:
+            try:
+                browser.save_screenshot(str(screenshot))
+                print(f"screenshot: {screenshot}")
+            finally:
+                browser.quit()
+        _stop(ui)
+    assert screenshot.stat().st_size > 10_000
+
+
+# --- slow: the flow with its data and checkpoints on S3 (a moto server on loopback) ----------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_flow_with_s3_storage(synth_root, s3_endpoint, ray_local, prefect_api, tmp_path):
+    """The official files, the prepared dataset, its statistics and the checkpoints on s3:// (a moto server on
+    127.0.0.1); Prefect results and MLflow stay local. One short epoch, the centre-crop evaluation only."""
+    import boto3
+    import mlflow
+
+    from flows import alexnet_flow
+    from tests.conftest import upload_tree
+
+    bucket = "alexnet-flow"
+    raw_uri = upload_tree(synth_root / "official", bucket, "raw")
+    data_uri, storage_path = f"s3://{bucket}/imagenet-256", f"s3://{bucket}/alexnet-runs"
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    started = time.perf_counter()
+    state = alexnet_flow(raw_uri=raw_uri, data_uri=data_uri, crops=[1], mlflow_tracking_uri=tracking_uri,
+                         results_dir=str(tmp_path / "results"), max_bad_fraction=0.1, shard_rows=16, post_training=[],
+                         overrides=[*SHORT, f"train.storage_path={storage_path}", "train.run_name=s3-flow",
+                                    "train.num_workers=1",  # DDP is tested elsewhere; one worker starts sooner
+                                    "tracking.log_model=false"],
+                         return_state=True)
+    print(f"flow on S3: {time.perf_counter() - started:.0f} s")
+    assert state.is_completed(), state.message
+    summary = state.result()
+
+    s3 = boto3.client("s3")
+    keys = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])}
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="imagenet-256/manifest.json")["Body"].read())
+    shards = [s["path"] for split in ("train", "val") for s in manifest["splits"][split]["shards"]]
+    assert len(shards) >= 4 and {f"imagenet-256/{p}" for p in shards} <= keys
+    assert {"imagenet-256/stats.json", "imagenet-256/mean_image.npy"} <= keys
+    stats = json.loads(s3.get_object(Bucket=bucket, Key="imagenet-256/stats.json")["Body"].read())
+    assert stats["eigval"] == pytest.approx(summary["eigval"], abs=1e-6)
+
+    checkpoint = summary["train"]["checkpoint"]
+    assert checkpoint.startswith(f"{storage_path}/s3-flow/"), checkpoint
+    assert f"{checkpoint[len(f's3://{bucket}/'):]}/checkpoint.pt" in keys
+    assert summary["data"] == data_uri and summary["stages"]["train"]["state"] == "Completed"
+    assert summary["splits"]["train"]["rows"] == 46 and summary["splits"]["val"]["rows"] == 15
+    top1 = summary["val_error"]["1 crop"]["top1"]
+    assert 0 <= summary["val_error"]["1 crop"]["top5"] <= top1 <= 1
+
+    parent = mlflow.MlflowClient(tracking_uri).get_run(summary["mlflow"]["parent_run_id"])
+    assert parent.data.params["flow.data_uri"] == data_uri and parent.data.params["flow.raw_uri"] == raw_uri
+    assert parent.data.metrics["val_top1_err_1crop"] == pytest.approx(top1, abs=1e-4)
 
 
 # --- helpers for servers ---------------------------------------------------------------------------------------------
@@ -346,38 +519,76 @@ def _mlflow_children(tracking_uri: str, parent_run_id: str) -> dict[str, object]
 # --- slow: a Prefect server, a process worker and the smoke deployment --------------------------------------------
 
 
+def readme_commands(heading: str) -> list[str]:
+    """The commands of the first bash block under ``heading`` in README.md: comments dropped, continuation lines
+    joined."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(heading):]
+    block = section[section.index("```bash\n") + len("```bash\n"):]
+    block = block[:block.index("```")].replace("\\\n", " ")
+    commands = []
+    for line in block.splitlines():
+        command = " ".join(shlex.split(line, comments=True))
+        if command:
+            commands.append(command)
+    return commands
+
+
+def test_readme_prefect_server_block_is_the_one_the_server_test_runs():
+    """The server test below runs the first six commands of the README's block, in this order; the block's other
+    commands run deployments of prefect.yaml with parameters the flow has."""
+    commands = readme_commands("### Run on a Prefect server")
+    assert commands[:6] == [
+        "prefect server start", "export PREFECT_API_URL=http://127.0.0.1:4200/api",
+        "prefect work-pool create alexnet-pool --type process", "prefect deploy --all",
+        "prefect worker start --pool alexnet-pool", "prefect deployment run alexnet/smoke --watch"], commands
+    from flows import alexnet_flow
+
+    properties = set(alexnet_flow.parameters.model_dump()["properties"])
+    deployments = {f"alexnet/{d['name']}" for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+    assert any("alexnet/full-reproduction" in c for c in commands[6:]), commands
+    for command in commands[6:]:
+        argv = shlex.split(command)
+        assert argv[:3] == ["prefect", "deployment", "run"] and argv[3] in deployments, command
+        params = {argv[i + 1].split("=", 1)[0] for i, a in enumerate(argv[:-1]) if a == "--param"}
+        assert params <= properties, command
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_smoke_deployment_runs_on_a_prefect_server_and_worker(tmp_path):
-    """prefect server + `prefect deploy --all` (prefect.yaml) + a process worker on alexnet-pool: the smoke
-    deployment, shortened with --param, ends Completed and leaves its MLflow lineage in the worker's store."""
-    port, health = free_ports(2)
-    api = f"http://127.0.0.1:{port}/api"
+    """The README's "Run on a Prefect server" commands as written: prefect server + `prefect deploy --all`
+    (prefect.yaml) + a process worker on alexnet-pool; the smoke deployment, shortened with --param, ends Completed
+    and leaves its MLflow lineage in the worker's store. Two changes, both from outside the commands: the server's
+    port (a free one, through PREFECT_SERVER_API_PORT, and the same in PREFECT_API_URL), and options appended to
+    `prefect deployment run` (--param, --watch-timeout)."""
+    (server_cmd, export, pool_cmd, deploy_cmd, worker_cmd, smoke_cmd) = readme_commands(
+        "### Run on a Prefect server")[:6]
+    (port,) = free_ports(1)
+    readme_api = export.removeprefix("export PREFECT_API_URL=")
+    assert readme_api == "http://127.0.0.1:4200/api", export  # prefect server start's default address
+    api = readme_api.replace(":4200/", f":{port}/")
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    server_env = _isolated_env(tmp_path)
-    client_env = _isolated_env(tmp_path, PREFECT_API_URL=api, PWD=str(ROOT))
+    server_env = _isolated_env(tmp_path, PREFECT_SERVER_API_PORT=str(port))
+    client_env = _isolated_env(tmp_path, PREFECT_API_URL=api, PWD=str(ROOT))  # a shell in the repository root
     server = worker = None
     try:
-        server = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                         "--no-background"], server_env, tmp_path / "server.log")
+        server = _start(shlex.split(server_cmd), server_env, tmp_path / "server.log")
         _wait_http(f"{api}/health", 180, proc=server, log=tmp_path / "server.log", expect=b"true")
-        _run([str(BIN / "prefect"), "work-pool", "create", "alexnet-pool", "--type", "process"], client_env, 120)
-        deployed = _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], client_env, 300)
+        _run(shlex.split(pool_cmd), client_env, 120)
+        deployed = _run(shlex.split(deploy_cmd), client_env, 300)
         assert "alexnet/smoke" in deployed.stdout and "alexnet/full-reproduction" in deployed.stdout, deployed.stdout
 
-        inspect = _run([str(BIN / "prefect"), "deployment", "inspect", "alexnet/smoke"], client_env, 60)
+        inspect = _run(["prefect", "deployment", "inspect", "alexnet/smoke"], client_env, 60)
         assert str(ROOT) in inspect.stdout and "set_working_directory" in inspect.stdout  # {{ $PWD }} resolved
 
-        worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "alexnet-pool", "--type", "process",
-                         "--install-policy", "never", "--with-healthcheck"],
-                        {**client_env, "MLFLOW_TRACKING_URI": tracking_uri,
-                         "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1", "PREFECT_WORKER_WEBSERVER_PORT": str(health)},
+        worker = _start(shlex.split(worker_cmd), {**client_env, "MLFLOW_TRACKING_URI": tracking_uri},
                         tmp_path / "worker.log")
         params = {"raw_uri": str(tmp_path / "raw"), "data_uri": str(tmp_path / "prepared"),
                   "results_dir": str(tmp_path / "results"), "crops": [1], **TINY_PARAMS,
                   "overrides": ["tracking.registered_model=alexnet-smoke", f"train.storage_path={tmp_path / 'ray'}",
                                 *SHORT]}
-        cmd = [str(BIN / "prefect"), "deployment", "run", "alexnet/smoke", "--watch", "--watch-timeout", "480"]
+        cmd = [*shlex.split(smoke_cmd), "--watch-timeout", "480"]
         for k, v in params.items():
             cmd += ["--param", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
         started = time.perf_counter()
