@@ -539,7 +539,6 @@ class PipelineState:
     outputs: dict[str, Any] = field(default_factory=dict)  #: each post-training stage's result, by name
     #: ``task_with(task, stage, missing)``: the task with the flow's result storage and refresh options
     task_with: Callable[..., Any] = lambda t, stage, missing=False: t
-    imagenet_stats: str | None = None  #: prepared ImageNet with the statistics the checkpoint was trained with
 
 
 @task(name="register", cache_policy=NO_CACHE)
@@ -610,7 +609,8 @@ class TransferData(BaseModel):
                                    "default: as the flow's `synthetic`")
     max_bad_fraction: float = 0.01
     imagenet_stats: str | None = Field(None, description="prepared ImageNet holding the stats.json the checkpoint was "
-                                       "trained with; default: data_uri, or with `checkpoint` the one in its config")
+                                       "trained with; default: the one named in the checkpoint's config (the flow's "
+                                       "data_uri for a checkpoint it trained)")
 
 
 #: Not part of a transfer result's identity: where it runs and the MLflow lineage of the flow run calling it.
@@ -682,7 +682,7 @@ def transfer_stage(state: PipelineState, stages: _Stages) -> dict[str, Any] | No
             def run(data=data, dataset=dataset, method=method):
                 return state.task_with(transfer, "transfer")(
                     dataset, method, data, state.checkpoint, config=cfg,
-                    imagenet_stats=spec.imagenet_stats or state.imagenet_stats,
+                    imagenet_stats=spec.imagenet_stats,
                     tracking_uri=state.lineage.tracking_uri, experiment=state.lineage.experiment,
                     parent_run_id=state.lineage.run_id, tags={"prefect.flow_run_id": _flow_run_id() or ""},
                     ray_address=state.ray_address, job_env=state.job_env, return_state=True)
@@ -943,7 +943,7 @@ def alexnet_flow(
 
         state = PipelineState(config, data_uri, trained_checkpoint, training_run_id, evaluations, lineage,
                               ray_address, job_env, dict(flow_run.parameters or {}) | {"model_alias": model_alias},
-                              task_with=task_with, imagenet_stats=None if checkpoint else data_uri)
+                              task_with=task_with)
         for name in post_training:
             result = POST_TRAINING_STAGES[name](state, stages)
             if result is None:

@@ -35,7 +35,11 @@ BIN = Path(sys.executable).parent
 
 #: A very small synthetic ImageNet (4 classes; 3 of its 64 files are undecodable on purpose, hence the 0.1 limit).
 TINY = {"classes": 4, "train_per_class": 12, "val_per_class": 4, "size": 200}
-TINY_PARAMS = {"synthetic": True, "synthetic_spec": TINY, "max_bad_fraction": 0.1, "shard_rows": 16}
+#: The transfer stage runs in one flow test only (flow_runs' rerun): it adds minutes to every flow run.
+TINY_PARAMS = {"synthetic": True, "synthetic_spec": TINY, "max_bad_fraction": 0.1, "shard_rows": 16,
+               "post_training": ["register"]}
+#: The transfer stage on one synthetic dataset, probe only, one C.
+TRANSFER_SHORT = ["transfer.datasets=[\"voc2007\"]", "transfer.methods=[\"probe\"]", "transfer.c_grid=[1.0]"]
 #: One short epoch.
 SHORT = ["train.epochs=1", "data.limit_train=48", "train.max_failures=0"]
 STAGE_RUNS = {"synthesize", "prepare", "stats", "evaluate"}
@@ -64,13 +68,11 @@ def test_flow_parameters_are_typed():
     assert alexnet_flow.name == "alexnet"
 
 
-def test_paper_numbers_match_the_evaluate_module():
-    from alexnet.evaluate import PAPER_VAL_ERRORS
-    from flows.alexnet_flow import PAPER_1CNN_10CROP, results_table
+def test_results_table_sets_this_run_beside_the_paper():
+    from alexnet.results import imagenet_table
 
-    assert PAPER_1CNN_10CROP == PAPER_VAL_ERRORS
-    table = results_table({1: {"images": 50, "top1_err": 0.5, "top5_err": 0.25},
-                           10: {"images": 50, "top1_err": 0.45, "top5_err": 0.2}}, preset="configs/paper.yaml")
+    table = imagenet_table({1: {"images": 50, "top1_err": 0.5, "top5_err": 0.25},
+                            10: {"images": 50, "top1_err": 0.45, "top5_err": 0.2}}, preset="configs/paper.yaml")
     assert table["crops"] == [1, 10, 10] and table["top1_err_pct"] == [50.0, 45.0, 40.7]
     assert table["top5_err_pct"][-1] == 18.2
 
@@ -151,7 +153,7 @@ def test_prefect_yaml_declares_one_deployment_per_preset():
     (pull,) = spec["pull"]
     assert pull == {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $PWD }}"}}
     deployments = {d["name"]: d for d in spec["deployments"]}
-    assert set(deployments) == {"full-reproduction", "smoke"}
+    assert set(deployments) == {"full-reproduction", "smoke", "transfer"}
     for d in deployments.values():
         assert d["entrypoint"] == "flows/alexnet_flow.py:alexnet_flow"
         assert d["work_pool"]["name"] == "alexnet-pool" and len(d["description"]) > 100
@@ -159,6 +161,13 @@ def test_prefect_yaml_declares_one_deployment_per_preset():
     assert deployments["full-reproduction"]["parameters"]["preset"] == "configs/paper.yaml"
     assert deployments["full-reproduction"]["parameters"]["synthetic"] is False
     assert deployments["smoke"]["parameters"]["synthetic"] is True
+    transfer = deployments["transfer"]["parameters"]  # the transfer stage alone, for a checkpoint given at run time
+    assert transfer["post_training"] == ["transfer"] and "checkpoint" in transfer and transfer["checkpoint"] is None
+    from flows import alexnet_flow
+
+    properties = alexnet_flow.parameters.model_dump()["properties"]
+    for d in deployments.values():
+        assert set(d["parameters"]) <= set(properties), set(d["parameters"]) - set(properties)
     from alexnet.config import load_config
 
     load_config(ROOT / "configs" / "smoke.yaml", deployments["smoke"]["parameters"]["overrides"])  # valid overrides
@@ -193,17 +202,25 @@ def flow_runs(ray_local, prefect_api, tmp_path_factory):
                   mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", results_dir=str(tmp / "results"),
                   **TINY_PARAMS)
     base = [*SHORT, f"train.storage_path={tmp / 'ray'}", "train.run_name=flow-test"]
+    transfer_data = {"raw_root": str(tmp / "transfer-raw"), "data_root": str(tmp / "transfer")}
     started = time.perf_counter()
     failed = alexnet_flow(overrides=[*base, "train.batch_size=3"], return_state=True, **common)
     failed_s = time.perf_counter() - started
     started = time.perf_counter()
-    rerun = alexnet_flow(overrides=[*base, "tracking.registered_model=alexnet-test"], return_state=True, **common)
+    rerun = alexnet_flow(overrides=[*base, "tracking.registered_model=alexnet-test", *TRANSFER_SHORT],
+                         return_state=True, **{**common, "post_training": ["register", "transfer"]},
+                         transfer_data=transfer_data)
     rerun_s = time.perf_counter() - started
+    # the alexnet/transfer deployment's shape: transfer only, from the checkpoint the rerun trained
+    checkpoint = rerun.result()["train"]["checkpoint"] if rerun.is_completed() else None
+    transfer_only = alexnet_flow(overrides=[*base, *TRANSFER_SHORT], return_state=True,
+                                 **{**common, "post_training": ["transfer"]}, checkpoint=checkpoint,
+                                 transfer_data=transfer_data) if checkpoint else None
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[rerun.state_details.flow_run_id])))
     print(f"failed run {failed_s:.0f} s, corrected rerun {rerun_s:.0f} s")
-    return {"failed": failed, "rerun": rerun, "task_runs": task_runs, "tmp": tmp,
+    return {"failed": failed, "rerun": rerun, "transfer_only": transfer_only, "task_runs": task_runs, "tmp": tmp,
             "tracking_uri": common["mlflow_tracking_uri"]}
 
 
@@ -219,7 +236,8 @@ def test_failed_stage_is_named_and_the_rerun_skips_completed_stages(flow_runs):
     summary = rerun.result()
     assert {k: v["state"] for k, v in summary["stages"].items()} == {
         "synthesize": "Cached", "prepare": "Cached", "stats": "Cached", "train": "Completed",
-        "evaluate": "Completed", "register": "Completed", "report": "Completed"}
+        "evaluate": "Completed", "register": "Completed", "transfer-voc2007-data": "Completed",
+        "transfer-voc2007-probe": "Completed", "report": "Completed"}
     # run_smoke's summary content, and the paper's numbers next to ours
     assert summary["splits"]["train"]["rows"] == 46 and summary["splits"]["val"]["rows"] == 15
     assert len(summary["rejects"]) == 3 and len(summary["eigval"]) == 3
@@ -228,6 +246,33 @@ def test_failed_stage_is_named_and_the_rerun_skips_completed_stages(flow_runs):
     assert summary["train"]["epochs"] == 1 and Path(summary["train"]["checkpoint"]).exists()
     assert summary["registered_model"]["name"] == "alexnet-test" and summary["registered_model"]["alias"] == "champion"
     assert "make mlflow-ui" in summary["mlflow"]["ui"]
+    # the transfer stage: the synthetic VOC 2007, a linear probe on fc7 and fc6, beside the literature
+    (result,) = summary["post_training"]["transfer"]["results"]
+    assert result["dataset"] == "voc2007" and result["metric"] == "map_11point" and set(result["layers"]) == {"fc7",
+                                                                                                            "fc6"}
+    assert result["value"] > result["chance"] + 0.15, result
+    table = summary["transfer"]
+    assert table["layer"] == ["fc7", "fc6"] and table["literature_pct"] == [77.2, 77.2]
+    from flows.alexnet_flow import format_report
+
+    assert "transfer voc2007" in format_report(summary)
+
+
+@pytest.mark.slow
+def test_transfer_only_run_from_a_checkpoint_reuses_the_cached_transfer(flow_runs):
+    """The alexnet/transfer deployment's parameters: no ImageNet stage runs; the same checkpoint, data and settings
+    as the full run's transfer stage make the same (cached) result."""
+    run = flow_runs["transfer_only"]
+    assert run is not None and run.is_completed(), run and run.message
+    summary = run.result()
+    assert {k: v["state"] for k, v in summary["stages"].items()} == {
+        "transfer-voc2007-data": "Cached", "transfer-voc2007-probe": "Cached", "report": "Completed"}
+    assert summary["checkpoint"] == flow_runs["rerun"].result()["train"]["checkpoint"]
+    assert summary["transfer"] == flow_runs["rerun"].result()["transfer"]
+    from flows.alexnet_flow import format_report
+
+    text = format_report(summary)
+    assert "checkpoint: " in text and "transfer voc2007" in text and "training run -" in text
 
 
 @pytest.mark.slow
@@ -258,7 +303,15 @@ def test_mlflow_holds_the_parent_run_a_child_per_stage_and_the_results_table(flo
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {r.data.tags["alexnet.stage"]: r for r in children}
-    assert set(by_stage) == STAGE_RUNS | {"train", "register"}, sorted(by_stage)
+    assert set(by_stage) == STAGE_RUNS | {"train", "register", "transfer-voc2007-data", "transfer"}, sorted(by_stage)
+    transfer_run = by_stage["transfer"]  # made by run_transfer, a child of the flow's parent run
+    assert transfer_run.info.run_name == "transfer-voc2007-probe"
+    assert transfer_run.data.metrics["map_11point"] == pytest.approx(summary["transfer"]["this_run_pct"][0] / 100,
+                                                                     abs=1e-4)
+    assert {"transfer_results.md", "transfer_table.json"} <= {a.path for a in client.list_artifacts(
+        transfer_run.info.run_id)}
+    assert {"transfer_results.json", "transfer_results.md", "transfer_results_table.json"} <= artifacts
+    assert "Razavian" in Path(client.download_artifacts(parent.info.run_id, "transfer_results.md")).read_text()
     assert all(r.info.status == "FINISHED" for r in children)
     assert by_stage["prepare"].data.tags["alexnet.cached"] == "true"
     training = by_stage["train"]  # the training run itself, made by rank 0 of run_training
