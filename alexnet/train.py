@@ -288,6 +288,23 @@ def _all_reduce(sums: dict[str, float], device: torch.device) -> dict[str, float
     return dict(zip(keys, t.tolist()))
 
 
+def restore_latest(filename: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   schedule: LRSchedule) -> dict[str, Any] | None:
+    """Load the Ray Train run's latest checkpoint (``filename`` in it) into model, optimizer and schedule; returns
+    the saved state, or None when the run starts fresh."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return None
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / filename, map_location="cpu", weights_only=False)
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    return state
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Thin adapter: Ray Train context -> model, data, optimiser -> epochs of train_one_epoch + evaluate."""
     import ray.train
@@ -326,13 +343,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                           cfg.train.max_lr_drops, list(cfg.train.step_epochs))
 
     start_epoch, history, mlflow_run_id = 0, [], loop_config.get("mlflow_run_id")
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
+    state = restore_latest(CHECKPOINT_FILE, model, optimizer, schedule)
+    if state:
         start_epoch, history = state["epoch"], state["history"]
         mlflow_run_id = state.get("mlflow_run_id") or mlflow_run_id
         if rank == 0:

@@ -542,7 +542,7 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from alexnet.data import Batch
-    from alexnet.train import LRSchedule, _seed_everything, set_lr, train_one_epoch, unwrap
+    from alexnet.train import LRSchedule, _seed_everything, restore_latest, set_lr, train_one_epoch, unwrap
 
     c = loop_config
     ctx = ray.train.get_context()
@@ -563,15 +563,8 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = finetune_optimizer(model, head, lr=c["lr"], backbone_lr_mult=c["backbone_lr_mult"],
                                    momentum=c["momentum"], weight_decay=c["weight_decay"])
     schedule = LRSchedule(c["lr"], "step", step_epochs=list(c["step_epochs"]))
-    start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / FINETUNE_CHECKPOINT, map_location="cpu", weights_only=False)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start_epoch, history = state["epoch"], state["history"]
+    state = restore_latest(FINETUNE_CHECKPOINT, model, optimizer, schedule)
+    start_epoch, history = (state["epoch"], state["history"]) if state else (0, [])
     set_lr(optimizer, schedule.lr)
 
     # Every rank gets the same number of whole batches (DDP steps in lockstep).
