@@ -456,7 +456,7 @@ def format_report(summary: dict[str, Any]) -> str:
     """The short, human summary of a flow run."""
     lines = [f"alexnet flow run {summary['prefect'].get('flow_run_name')} ({summary['prefect'].get('flow_run_id')})"]
     for name, s in summary["stages"].items():
-        lines.append(f"  {name:<26} {s['state']:<9} {s['seconds']:8.1f} s")
+        lines.append(f"  {name:<29} {s['state']:<9} {s['seconds']:8.1f} s")
     if "splits" in summary:  # the ImageNet stages ran (not a transfer-only run from a given checkpoint)
         splits = ", ".join(f"{k} {v['rows']} rows ({v['rejected']} rejected)" for k, v in summary["splits"].items())
         lines.append(f"data: {summary['data']}: {splits}")
