@@ -5,12 +5,14 @@ set's average, plus a few images several thousand pixels wide):
 
 - ``naive``: one process, plain Pillow from PyPI (no SIMD), full decode, RGB, resize shorter side to 256,
   centre crop, JPEG encode; the straightforward script one would write first.
-- ``decode-only``: the pipeline's Pillow build, just ``Image.open(...).load()`` of each file at full scale, one
-  process: the cost of reading the pixels at all.
+- ``decode-only``: just decoding each file at full scale, one process: the cost of reading the pixels at all.
+  Measured with the pipeline's JPEG decoder (libjpeg-turbo 3 through simplejpeg, into a fresh array) and with
+  the pipeline's Pillow build (``Image.open(...).load()``, the decoder before simplejpeg).
 - ``pipeline``: ``alexnet prepare`` for real: Ray Data tasks, byte-range reads, draft decoding, box resize,
   encode, Parquet shards and manifest, on ``--cpus`` Ray CPUs; its rate is divided by those CPUs.
 
-Targets (issue 2): pipeline >= 2x naive per core, and >= 0.75x decode-only per core.
+Targets (issue 2): pipeline >= 2x naive per core, and >= 0.75x decode-only per core (checked against the faster
+of the two decode-only rows, i.e. the pipeline's own decoder).
 
 Usage: ``python benchmarks/prepare_throughput.py [--images 400] [--repeat 32] [--large-every 25] [--cpus 2]``
 """
@@ -110,13 +112,20 @@ def distinct_images(corpus: Path) -> list[Path]:
     return [p for p in sorted(corpus.rglob("*.JPEG")) if "r" not in p.stem.rsplit("_", 1)[1]]
 
 
-def decode_only_rate(corpus: Path) -> dict:
+def decode_only_rate(corpus: Path, decoder: str = "pillow") -> dict:
     paths = distinct_images(corpus)
     blobs = [p.read_bytes() for p in paths]
+    if decoder == "turbo":
+        import simplejpeg
+
+        t = time.perf_counter()
+        for b in blobs:
+            simplejpeg.decode_jpeg(b, colorspace="RGB")
+        return {"images": len(blobs), "seconds": time.perf_counter() - t, "name": f"simplejpeg {simplejpeg.__version__}"}
     t = time.perf_counter()
     for b in blobs:
         Image.open(io.BytesIO(b)).load()
-    return {"images": len(blobs), "seconds": time.perf_counter() - t}
+    return {"images": len(blobs), "seconds": time.perf_counter() - t, "name": "Pillow " + Image.__version__}
 
 
 def pipeline_rate(corpus: Path, cpus: int) -> dict:
@@ -154,7 +163,8 @@ def main() -> int:
           f"mean {info['mean_kb']:.0f} KB, in {corpus}")
     try:
         naive = naive_rate(corpus)
-        decode = decode_only_rate(corpus)
+        decode_turbo = decode_only_rate(corpus, "turbo")
+        decode_pillow = decode_only_rate(corpus, "pillow")
         pipe = pipeline_rate(corpus, args.cpus)
     finally:
         if not args.keep:
@@ -162,16 +172,18 @@ def main() -> int:
 
     rows = [
         ("naive (plain Pillow " + naive["pillow"] + ", 1 process)", naive["images"] / naive["seconds"], 1),
-        ("decode-only (" + pipe["pillow"]["pillow"] + ", full scale, 1 process)", decode["images"] / decode["seconds"], 1),
+        (f"decode-only ({decode_turbo['name']}, full scale, 1 process)", decode_turbo["images"] / decode_turbo["seconds"], 1),
+        (f"decode-only ({decode_pillow['name']}, full scale, 1 process)", decode_pillow["images"] / decode_pillow["seconds"], 1),
         (f"pipeline (alexnet prepare, Ray, {args.cpus} CPUs)", pipe["images"] / pipe["seconds"], args.cpus),
     ]
     print(f"\n{'measurement':60s} {'images/s':>10s} {'cores':>6s} {'per core':>10s}")
     for name, rate, cores in rows:
         print(f"{name:60s} {rate:10.1f} {cores:6d} {rate / cores:10.1f}")
     per_core = {name: rate / cores for name, rate, cores in rows}
-    naive_pc, decode_pc, pipe_pc = per_core.values()
+    naive_pc, turbo_pc, pillow_pc, pipe_pc = per_core.values()
     print(f"\npipeline / naive, per core:       {pipe_pc / naive_pc:5.2f}x  (target >= 2.00x)")
-    print(f"pipeline / decode-only, per core: {pipe_pc / decode_pc:5.2f}x  (target >= 0.75x)")
+    print(f"pipeline / decode-only, per core: {pipe_pc / max(turbo_pc, pillow_pc):5.2f}x  (target >= 0.75x; "
+          f"{pipe_pc / turbo_pc:.2f}x simplejpeg, {pipe_pc / pillow_pc:.2f}x Pillow)")
     print(f"Pillow: {json.dumps(pipe['pillow'])}")
     return 0
 
