@@ -20,7 +20,7 @@ moves it into place, and only then records ``_state/<split>-<shard>.json`` with 
 rejected inputs. A rerun does only the shards without a record, so it never duplicates or loses rows, and its
 output is byte-identical to an uninterrupted run. The manifest is assembled from the records at the end.
 
-Memory is bounded by the shards in flight (1.5 per CPU, `TASKS_PER_CPU`), not by the dataset size.
+Memory is bounded by the shards in flight (one per CPU), not by the dataset size.
 """
 
 from __future__ import annotations
