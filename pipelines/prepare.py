@@ -345,31 +345,15 @@ def prepare_dataset(
     return manifest
 
 
-#: Shard tasks run per CPU. A task is CPU-bound, but with one task per CPU a CPU still idles now and then: Ray Data
-#: sometimes hands a freed slot its next shard only when another task finishes (gaps of 2-5 s on 2 CPUs), and a task
-#: waits on its reads and its Parquet write. Half a task more per CPU fills those gaps: 73-82% -> 88% of the CPU
-#: time spent in shard tasks on 2 CPUs (docs/benchmarks.md). Ray accounts CPUs in steps of 1e-4: rounded down.
-TASKS_PER_CPU = 1.5
-
-
 def _run_tasks(tasks: list[dict[str, Any]]) -> None:
     import ray.data
 
     from pipelines.rayutil import cpu_concurrency
 
-    ctx = ray.data.DataContext.get_current()
-    # Ray Data reserves a share of the CPUs for each operator and grows the task pool from one task (on 2 CPUs the
-    # second shard task started 1-2.5 s after the first, docs/benchmarks.md); these tasks' outputs are tiny records,
-    # so the pool starts in full. A dataset keeps the context it was created with: restored right after.
-    reservation = ctx.op_resource_reservation_enabled
-    ctx.op_resource_reservation_enabled = False
-    try:
-        ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    finally:
-        ctx.op_resource_reservation_enabled = reservation
-    cpus_per_task = math.floor(1e4 / TASKS_PER_CPU) / 1e4
-    pool = ray.data.TaskPoolStrategy(size=cpu_concurrency(len(tasks), cpus_per_task=cpus_per_task))
-    results = ds.map(process_shard, num_cpus=cpus_per_task, compute=pool, runtime_env=storage.worker_env()).take_all()
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    # One CPU per shard task (decoding is CPU-bound), as many tasks as the cluster has CPUs.
+    pool = ray.data.TaskPoolStrategy(size=cpu_concurrency(len(tasks)))
+    results = ds.map(process_shard, num_cpus=1, compute=pool, runtime_env=storage.worker_env()).take_all()
     log.info("wrote %d shards", len(results))
 
 
