@@ -20,7 +20,7 @@ moves it into place, and only then records ``_state/<split>-<shard>.json`` with 
 rejected inputs. A rerun does only the shards without a record, so it never duplicates or loses rows, and its
 output is byte-identical to an uninterrupted run. The manifest is assembled from the records at the end.
 
-Memory is bounded by the shards in flight (one per CPU), not by the dataset size.
+Memory is bounded by the shards in flight (two per CPU, :data:`TASKS_PER_CPU`), not by the dataset size.
 """
 
 from __future__ import annotations
@@ -345,15 +345,31 @@ def prepare_dataset(
     return manifest
 
 
+#: Shard tasks in flight per CPU. A shard task is CPU-bound, but with one per CPU the CPUs still idle: Ray Data
+#: hands a freed slot its next shard after a scheduling round, and the last shards of a run finish one after
+#: another while the other CPUs wait (a shard's time varies by tens of percent on a shared VM). Two per CPU keep
+#: every CPU busy until the last shards (docs/benchmarks.md); memory stays bounded by the shards in flight.
+TASKS_PER_CPU = 2
+
+
 def _run_tasks(tasks: list[dict[str, Any]]) -> None:
     import ray.data
 
     from pipelines.rayutil import cpu_concurrency
 
-    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    # One CPU per shard task (decoding is CPU-bound), as many tasks as the cluster has CPUs.
-    pool = ray.data.TaskPoolStrategy(size=cpu_concurrency(len(tasks)))
-    results = ds.map(process_shard, num_cpus=1, compute=pool, runtime_env=storage.worker_env()).take_all()
+    ctx = ray.data.DataContext.get_current()
+    # Ray Data reserves a share of the CPUs for each operator and grows the task pool from one task (on 2 CPUs the
+    # second shard task started 1-2.5 s after the first, docs/benchmarks.md); these tasks' outputs are tiny records,
+    # so the pool starts in full. A dataset keeps the context it was created with: restored right after.
+    reservation = ctx.op_resource_reservation_enabled
+    ctx.op_resource_reservation_enabled = False
+    try:
+        ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    finally:
+        ctx.op_resource_reservation_enabled = reservation
+    cpus_per_task = 1 / TASKS_PER_CPU
+    pool = ray.data.TaskPoolStrategy(size=cpu_concurrency(len(tasks), cpus_per_task=cpus_per_task))
+    results = ds.map(process_shard, num_cpus=cpus_per_task, compute=pool, runtime_env=storage.worker_env()).take_all()
     log.info("wrote %d shards", len(results))
 
 
