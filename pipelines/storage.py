@@ -72,11 +72,16 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         keys = tuple(os.environ.get(k, "") for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"))
         credentials = (keys if keys[2] else keys[:2]) if keys[0] and keys[1] else None
         return _s3_filesystem(s3_endpoint(), region, credentials), uri[len("s3://") :].rstrip("/")
+    return pafs.LocalFileSystem(), local_path(uri)
+
+
+def local_path(uri: str) -> str:
+    """The absolute path of a local ``uri`` (a path or ``file://`` URI)."""
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     if "://" in uri:
         raise ValueError(f"unsupported location {uri!r}: use a local path or s3://bucket/prefix")
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    return os.path.abspath(os.path.expanduser(uri))
 
 
 def absolute(uri: str) -> str:

@@ -106,6 +106,24 @@ def test_range_reader_matches_the_file(tmp_path):
         assert r.read(1) == b""
 
 
+def test_read_range_keeps_only_archives_open(tmp_path):
+    data = bytes(range(256)) * 40
+    for name in ("a.JPEG", "b.JPEG", "train.tar"):
+        (tmp_path / name).write_bytes(data)
+    files: dict = {}
+    # single-image files: read and closed at once (an ImageFolder shard would otherwise hold thousands open)
+    assert ingest.read_range(str(tmp_path / "a.JPEG"), 0, len(data), files) == data
+    assert ingest.read_range(f"file://{tmp_path / 'b.JPEG'}", 100, 50, files) == data[100:150]
+    assert files == {}
+    # an archive stays open for the shard's next members; a range past the end comes back short
+    tar = str(tmp_path / "train.tar")
+    assert ingest.read_range(tar, 7, 3, files) == data[7:10]
+    assert ingest.read_range(tar, len(data) - 2, 10, files) == data[-2:]
+    assert list(files) == [tar]
+    for f in files.values():
+        f.close()
+
+
 def _tar_bytes(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
