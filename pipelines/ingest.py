@@ -435,7 +435,7 @@ def read_range(uri: str, offset: int, size: int, _cache: dict | None = None) -> 
 
     With ``_cache`` (a dict the caller closes), archives (``.tar``) stay open between calls: a shard reads many of
     their members. Single-image files are opened and closed per read, so a shard of an ImageFolder never holds
-    thousands of descriptors. Local files bypass pyarrow: a third of the per-image cost outside decoding.
+    thousands of descriptors. Local files are read with ``os.pread`` (no pyarrow file object per image).
     """
     keep = _cache is not None and uri.endswith(".tar")
     f = _cache.get(uri) if keep else None
