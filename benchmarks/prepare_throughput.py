@@ -133,8 +133,8 @@ def run_copies(code: str, args: list[str], copies: int, env: dict | None = None)
     """``copies`` processes of a single-process baseline at once; images/s summed over them.
 
     One copy measures the baseline on an otherwise idle machine; ``--cpus`` copies measure it with every core
-    busy, as the pipeline's cores are: a shared VM's cores slow each other down (memory, caches, the host), so
-    only this figure compares per core at equal load.
+    busy, as the pipeline's cores are: busy cores can slow each other down (memory, caches, the host's other
+    tenants), so this figure compares per core at equal load.
     """
     procs = [subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE, text=True)
              for _ in range(copies)]
