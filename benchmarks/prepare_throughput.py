@@ -225,6 +225,9 @@ def main() -> int:
             pipes.append(pipeline_rate(corpus, args.cpus, tmp / f"out-{r}"))
             measured.append(baselines())
     finally:
+        import ray
+
+        ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(corpus, ignore_errors=True)
@@ -250,7 +253,7 @@ def main() -> int:
 
     def show(label: str, values: list[float], target: float) -> None:
         med = statistics.median(values)
-        print(f"  {label:34s} median {med:5.2f}x  (target >= {target:.2f}x: {'met' if med >= target else 'NOT met'}); "
+        print(f"  {label:34s} median {med:5.3f}x  (target >= {target:.2f}x: {'met' if med >= target else 'NOT met'}); "
               "rounds " + ", ".join(f"{v:.2f}x" for v in values))
 
     for copies in loads:
