@@ -12,7 +12,7 @@ set's average, plus a few images several thousand pixels wide):
   encode, Parquet shards and manifest, on ``--cpus`` Ray CPUs; its rate is divided by those CPUs.
 
 Each single-process baseline runs alone (the other cores idle) and as ``--cpus`` copies at once (every core busy,
-as the pipeline's are: on a shared VM busy cores slow each other down, so only this compares per core at equal
+as the pipeline's are: busy cores can slow each other down on a shared VM, so this compares per core at equal
 load). The VM's speed also drifts by tens of percent within minutes, so the pipeline runs ``--rounds`` times, each
 run bracketed by baseline measurements and compared with their mean; the median over the rounds is the result.
 Targets (issue 2): pipeline >= 2x naive per core, and >= 0.75x decode-only per core (checked against the faster of
@@ -47,7 +47,7 @@ NAIVE = r"""
 import io, sys, time, json
 from pathlib import Path
 from PIL import Image
-paths = [p for p in sorted(Path(sys.argv[1]).rglob("*.JPEG")) if "r" not in p.stem.rsplit("_", 1)[1]]
+paths = [Path(line) for line in Path(sys.argv[1]).read_text().splitlines()]  # distinct_images()
 t = time.perf_counter()
 for p in paths:
     img = Image.open(p).convert("RGB")
@@ -112,7 +112,7 @@ def distinct_images(corpus: Path) -> list[Path]:
 DECODE_ONLY = r"""
 import io, sys, time, json
 from pathlib import Path
-paths = [p for p in sorted(Path(sys.argv[1]).rglob("*.JPEG")) if "r" not in p.stem.rsplit("_", 1)[1]]
+paths = [Path(line) for line in Path(sys.argv[1]).read_text().splitlines()]  # distinct_images()
 blobs = [p.read_bytes() for p in paths]
 if sys.argv[2] == "turbo":
     import simplejpeg
@@ -148,16 +148,18 @@ def run_copies(code: str, args: list[str], copies: int, env: dict | None = None)
     return {**first, "rate": sum(r["images"] / r["seconds"] for r in results), "copies": copies}
 
 
-def naive_rate(corpus: Path, copies: int = 1) -> dict:
+def naive_rate(image_list: Path, copies: int = 1) -> dict:
+    """The naive script over the files named in ``image_list`` (one path per line)."""
     env = dict(os.environ, PYTHONPATH=str(ensure_plain_pillow()))
-    result = run_copies(NAIVE, [str(corpus)], copies, env)
+    result = run_copies(NAIVE, [str(image_list)], copies, env)
     assert ".post" not in result["pillow"], "the naive baseline must run on plain Pillow"
     return result
 
 
-def decode_only_rate(corpus: Path, decoder: str = "pillow", copies: int = 1) -> dict:
-    """Full-scale decoding only, with the pipeline's JPEG decoder (``turbo``) or its Pillow build (``pillow``)."""
-    return run_copies(DECODE_ONLY, [str(corpus), decoder], copies)
+def decode_only_rate(image_list: Path, decoder: str = "pillow", copies: int = 1) -> dict:
+    """Full-scale decoding only of the files in ``image_list``, with the pipeline's JPEG decoder (``turbo``) or its
+    Pillow build (``pillow``)."""
+    return run_copies(DECODE_ONLY, [str(image_list), decoder], copies)
 
 
 def warm_pipeline(cpus: int, tmp: Path) -> None:
@@ -210,13 +212,16 @@ def main() -> int:
     # baseline measurements (a few seconds each) and compared with their mean; the rounds' median is the result.
     # Each baseline runs alone (one busy core) and as --cpus copies at once (every core busy, as in the pipeline).
     loads = (1, args.cpus) if args.cpus > 1 else (1,)
-    kinds = {"naive": lambda c: naive_rate(corpus, c), "turbo": lambda c: decode_only_rate(corpus, "turbo", c),
-             "pillow": lambda c: decode_only_rate(corpus, "pillow", c)}
+    tmp = Path(tempfile.mkdtemp(prefix="alexnet-bench-out-"))
+    image_list = tmp / "distinct-images.txt"  # the baselines take each image once
+    image_list.write_text("".join(f"{p}\n" for p in distinct_images(corpus)))
+    kinds = {"naive": lambda c: naive_rate(image_list, c),
+             "turbo": lambda c: decode_only_rate(image_list, "turbo", c),
+             "pillow": lambda c: decode_only_rate(image_list, "pillow", c)}
 
     def baselines() -> dict:
         return {(kind, copies): f(copies) for copies in loads for kind, f in kinds.items()}
 
-    tmp = Path(tempfile.mkdtemp(prefix="alexnet-bench-out-"))
     try:
         warm_pipeline(args.cpus, tmp)
         measured = [baselines()]
