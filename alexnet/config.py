@@ -75,6 +75,9 @@ class TrainConfig:
     compile: bool = False  #: torch.compile the model
     storage_path: str = "runs/ray"  #: Ray Train storage (local folder or s3://): checkpoints, results
     run_name: str = "alexnet"  #: rerunning the same name resumes from its latest checkpoint
+    #: auto: resume run_name's latest checkpoint if it was trained on the same data (manifest sha256) and model,
+    #: else refuse; force: resume it anyway (the weights must still fit the model); never: refuse to resume
+    resume: Literal["auto", "force", "never"] = "auto"
     max_failures: int = 3  #: worker-group restarts from the last checkpoint
     checkpoints_to_keep: int = 2
     log_every: int = 50  #: steps between progress lines

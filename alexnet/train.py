@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import sys
 import tempfile
@@ -235,19 +236,55 @@ def checkpoint_state(*, model, optimizer, schedule, epoch, config, num_classes, 
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
         "epoch": epoch,  # completed epochs
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        },
+        "rng": rng_state(),
         "config": config,
         "data_manifest_sha256": manifest_sha256,
         "stats_sha256": stats_sha256,
         "history": history,
         "mlflow_run_id": mlflow_run_id,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # TorchVersion is a class weights_only=True does not load
     }
+
+
+def rng_state() -> dict[str, Any]:
+    """The RNG states of torch, numpy and Python in types ``torch.load(weights_only=True)`` loads: tensors, ints,
+    floats, strings and tuples (numpy's state as an int64 tensor and ints, not an ndarray and numpy scalars)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"bit_generator": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": (int(version), tuple(int(x) for x in internal), None if gauss_next is None else float(gauss_next)),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` saved."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def safe_torch_load(source: str | Path | bytes, *, name: str) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain data only, never an object whose unpickling runs code.
+    Anything else is refused with a one-line error naming ``name`` (the file's URI)."""
+    import pickle
+
+    f = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                      str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise ValueError(f"refusing to load {name}: it holds objects other than tensors and plain data, whose "
+                         f"unpickling could run code ({reason}); load only checkpoints written by this pipeline's "
+                         "`alexnet train` (or torchvision state dicts)") from None
 
 
 def load_checkpoint(uri: str) -> dict[str, Any]:
@@ -258,7 +295,72 @@ def load_checkpoint(uri: str) -> dict[str, Any]:
         uri = storage.join(uri, CHECKPOINT_FILE)
     if not storage.exists(uri):
         raise FileNotFoundError(f"{uri} not found: pass a checkpoint folder written by `alexnet train` or its {CHECKPOINT_FILE}")
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False)
+    return safe_torch_load(storage.read_bytes(uri), name=uri)
+
+
+#: Ray Train's record of a run's checkpoints; a rerun of the same name resumes from its latest one.
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+#: Settings that change what the network is or what it learns from; a resumed run must keep them (with
+#: ``train.resume=auto``). Every ``model.*`` key counts too.
+RESUME_DATA_KEYS = ("train_split", "val_split", "normalize", "crop")
+
+
+class ResumeRefused(ValueError):
+    """A rerun of ``train.run_name`` would continue a checkpoint of other data or another model (not retried)."""
+
+
+def latest_checkpoint(storage_path: str, run_name: str) -> str | None:
+    """The URI of the checkpoint folder a rerun of ``run_name`` under ``storage_path`` resumes from, or None."""
+    from pipelines import storage
+
+    run_dir = storage.join(storage.absolute(storage_path), run_name)
+    folders = sorted({p.replace(os.sep, "/").split("/")[0] for p, _ in storage.list_files(run_dir)
+                      if p.replace(os.sep, "/").endswith("/" + CHECKPOINT_FILE)})
+    if not folders:
+        return None
+    latest = folders[-1]  # Ray names them by time: checkpoint_2026-01-31_12-00-00.123456
+    snapshot = storage.join(run_dir, RAY_CHECKPOINT_SNAPSHOT)
+    if storage.exists(snapshot):
+        try:
+            named = (storage.read_json(snapshot).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+        except ValueError:
+            named = None
+        latest = named if named in folders else latest
+    return storage.join(run_dir, latest)
+
+
+def resume_differences(state: dict[str, Any], cfg: Config, *, manifest_sha256: str, num_classes: int) -> list[str]:
+    """What differs between a checkpoint and the run about to continue it: the data (manifest sha256), the number
+    of classes, ``model.*`` and the data settings of ``RESUME_DATA_KEYS``."""
+    saved = Config.from_dict(state.get("config") or {})
+    diffs = []
+    if state.get("data_manifest_sha256") != manifest_sha256:
+        diffs.append(f"data manifest sha256 {str(state.get('data_manifest_sha256'))[:12]} != {manifest_sha256[:12]} "
+                     f"(now {cfg.data.data})")
+    if state.get("num_classes") != num_classes:
+        diffs.append(f"num_classes {state.get('num_classes')} != {num_classes}")
+    was, now = saved.to_dict(), cfg.to_dict()
+    keys = [("model", k) for k in now["model"]] + [("data", k) for k in RESUME_DATA_KEYS]
+    diffs += [f"{s}.{k} {was[s].get(k)!r} != {now[s][k]!r}" for s, k in keys if was[s].get(k) != now[s][k]]
+    return diffs
+
+
+def check_resume(cfg: Config, *, manifest_sha256: str, num_classes: int) -> str | None:
+    """Before any training: the checkpoint a rerun of ``train.run_name`` would resume (None: a fresh run), or
+    ``ResumeRefused`` when it was made from other data or another model (``train.resume=auto``) or resuming is off
+    (``never``). Its file is read with ``weights_only=True``: a crafted checkpoint fails here, not in a worker."""
+    uri = latest_checkpoint(cfg.train.storage_path, cfg.train.run_name)
+    if uri is None or cfg.train.resume == "force":
+        return uri
+    way_out = (f"choose a new train.run_name, or pass train.resume=force to continue {cfg.train.run_name!r} anyway")
+    if cfg.train.resume == "never":
+        raise ResumeRefused(f"train.run_name={cfg.train.run_name} already has a checkpoint ({uri}) and "
+                            f"train.resume=never: choose a new train.run_name (or train.resume=auto to continue it)")
+    diffs = resume_differences(load_checkpoint(uri), cfg, manifest_sha256=manifest_sha256, num_classes=num_classes)
+    if diffs:
+        raise ResumeRefused(f"refusing to resume train.run_name={cfg.train.run_name} from {uri}: it was trained "
+                            f"with {'; '.join(diffs)}; {way_out}")
+    return uri
 
 
 def model_from_checkpoint(state: dict[str, Any]) -> nn.Module:
@@ -298,7 +400,7 @@ def restore_latest(filename: str, model: nn.Module, optimizer: torch.optim.Optim
     if not checkpoint:
         return None
     with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / filename, map_location="cpu", weights_only=False)
+        state = safe_torch_load(Path(d) / filename, name=f"{checkpoint.path}/{filename}")
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
@@ -468,7 +570,12 @@ def run_training(cfg: Config, *, ray_address: str | None = None, tracking: bool 
     if not cfg.data.data:
         raise ValueError("no dataset: pass --data URI (a folder or s3:// prefix written by `alexnet prepare`)")
     cfg.data.data = storage.absolute(cfg.data.data)
-    prepare.load_manifest(cfg.data.data)  # fail here, clearly, rather than in every worker
+    manifest = prepare.load_manifest(cfg.data.data)  # fail here, clearly, rather than in every worker
+    # Refused here, before fit(): a worker's error would be retried train.max_failures times.
+    resumes = check_resume(cfg, manifest_sha256=prepare.manifest_hash(cfg.data.data),
+                           num_classes=cfg.model.num_classes or manifest["num_classes"])
+    if resumes:
+        log.info("train.run_name=%s resumes from %s", cfg.train.run_name, resumes)
     ensure_ray(ray_address)
 
     storage_path, storage_filesystem = ray_storage(cfg.train.storage_path)

@@ -266,25 +266,30 @@ class Backbone:
     description: dict[str, Any]
 
 
+def read_checkpoint_state(checkpoint: str) -> dict[str, Any]:
+    """The saved state of ``checkpoint`` (a checkpoint of ``alexnet train``, or a state dict file), loaded with
+    ``weights_only=True``: a file whose unpickling would run code is refused."""
+    from alexnet.train import CHECKPOINT_FILE, load_checkpoint, safe_torch_load
+    from pipelines import storage
+
+    is_file = storage.exists(checkpoint) and not storage.exists(storage.join(checkpoint, CHECKPOINT_FILE))
+    if is_file and not checkpoint.endswith(".pt"):
+        return safe_torch_load(storage.read_bytes(checkpoint), name=checkpoint)
+    return load_checkpoint(checkpoint)
+
+
 def load_backbone(checkpoint: str, *, imagenet_stats: str | None = None) -> Backbone:
     """The network of ``checkpoint``: a checkpoint of ``alexnet train`` (folder or ``checkpoint.pt``, local or
     ``s3://``), normalised with the ImageNet statistics it was trained with (``stats.json`` and
     ``mean_image.npy`` of ``imagenet_stats``, default the dataset named in its config); or a torchvision-variant
     state dict (e.g. torchvision's ``alexnet-owt-7be5be79.pth``), normalised as torchvision does (channel
     mean/std)."""
-    import io
-
     from alexnet.config import Config
     from alexnet.model import build_model
-    from alexnet.train import CHECKPOINT_FILE, load_checkpoint, model_from_checkpoint
+    from alexnet.train import model_from_checkpoint
     from pipelines import stats as stats_mod
-    from pipelines import storage
 
-    is_file = storage.exists(checkpoint) and not storage.exists(storage.join(checkpoint, CHECKPOINT_FILE))
-    if is_file and not checkpoint.endswith(".pt"):
-        state = torch.load(io.BytesIO(storage.read_bytes(checkpoint)), map_location="cpu", weights_only=True)
-    else:
-        state = load_checkpoint(checkpoint)
+    state = read_checkpoint_state(checkpoint)
     if "model" in state and "config" in state:
         cfg = Config.from_dict(state["config"])
         stats_uri = imagenet_stats or cfg.data.data
@@ -614,7 +619,7 @@ def finetune(index: DatasetIndex, data: str, checkpoint: str, split: ProtocolSpl
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from alexnet.train import checkpoint_uri_of, ray_storage
+    from alexnet.train import checkpoint_uri_of, ray_storage, safe_torch_load
     from pipelines import storage
 
     if index.multilabel:  # multi-hot, with -1 where the label is "difficult" (ignored by the loss)
@@ -651,7 +656,7 @@ def finetune(index: DatasetIndex, data: str, checkpoint: str, split: ProtocolSpl
     with result.checkpoint.as_directory() as d:
         saved = np.load(Path(d) / SCORES_FILE, allow_pickle=False)
         keys, scores = saved["keys"], saved["scores"]
-        history = torch.load(Path(d) / FINETUNE_CHECKPOINT, map_location="cpu", weights_only=False)["history"]
+        history = safe_torch_load(Path(d) / FINETUNE_CHECKPOINT, name=f"{uri}/{FINETUNE_CHECKPOINT}")["history"]
     if keys.tolist() != index.keys[split.test].tolist():
         raise RuntimeError(f"{uri}: its test predictions are for other images; delete the run folder and rerun")
     return {**score_predictions(index, split.test, scores), "checkpoint": uri, "history": history,
@@ -689,6 +694,7 @@ def run_transfer(dataset: str, data: str, checkpoint: str, *, method: str, confi
     data = storage.absolute(data)
     if not storage.is_s3(checkpoint):
         checkpoint = storage.absolute(checkpoint)
+    read_checkpoint_state(checkpoint)  # a missing, foreign or crafted checkpoint fails here, before any data or Ray
     index = load_index(data)
     if index.dataset != dataset:
         raise ValueError(f"{data} holds {index.dataset}, not {dataset}")

@@ -1,0 +1,165 @@
+"""Training state and secrets (issue 11): no checkpoint is unpickled, a resume on other data or another model is
+refused, no credential reaches a Ray runtime_env, a log, an MLflow param or a job's command line, and auth headers
+stay on their host. Units and loopback servers only: no Ray, no Prefect server."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alexnet.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- checkpoints hold only what weights_only=True loads ------------------------------------------------------------
+
+
+class _RunsCode:
+    """Unpickling this writes a file: what a crafted checkpoint.pt would do with ``weights_only=False``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+def _crafted_checkpoint(folder: Path, marker: Path) -> Path:
+    folder.mkdir(parents=True)
+    torch.save({"model": _RunsCode(marker), "config": {}, "num_classes": 10, "epoch": 1}, folder / "checkpoint.pt")
+    return folder
+
+
+def _fake_dataset(root: Path, num_classes: int = 10, salt: str = "") -> str:
+    """Just a manifest: what the driver reads before it starts Ray."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps({"num_classes": num_classes, "salt": salt, "splits": {}}))
+    return str(root)
+
+
+def _no_training(monkeypatch):
+    """A tripwire: reaching Ray means the run was not refused up front."""
+    import pipelines.rayutil
+
+    def started(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(pipelines.rayutil, "ensure_ray", started)
+
+
+def test_a_checkpoint_state_round_trips_through_weights_only_and_restores_the_rng():
+    from alexnet.train import LRSchedule, build_optimizer, checkpoint_state, rng_state, safe_torch_load, set_rng_state
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    optimizer = build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()  # momentum buffers in the optimizer state
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    np.random.standard_normal()  # numpy now holds a cached gaussian
+    cfg = load_config(ROOT / "configs" / "paper.yaml")
+    state = checkpoint_state(model=model, optimizer=optimizer, schedule=LRSchedule(0.01), epoch=1,
+                             config=cfg.to_dict(), num_classes=2, manifest_sha256="ab", stats_sha256=None,
+                             history=[{"epoch": 1, "val_top1_err": 0.5}], mlflow_run_id=None)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    expected = (np.random.standard_normal(3), np.random.randint(0, 1 << 30, 3), random.random(), torch.rand(3))
+    loaded = safe_torch_load(buf.getvalue(), name="checkpoint.pt")  # weights_only=True
+    assert loaded["config"] == cfg.to_dict() and loaded["schedule"]["best"] == float("inf")
+    set_rng_state(loaded["rng"])
+    again = (np.random.standard_normal(3), np.random.randint(0, 1 << 30, 3), random.random(), torch.rand(3))
+    assert np.array_equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
+    assert expected[2] == again[2] and torch.equal(expected[3], again[3])
+    set_rng_state(rng_state())  # what it saves, it restores
+
+
+def test_a_crafted_checkpoint_runs_no_code_in_evaluate_transfer_or_a_resumed_training(tmp_path, monkeypatch,
+                                                                                       capsys):
+    from alexnet.cli import main
+
+    marker = tmp_path / "code-ran"
+    crafted = _crafted_checkpoint(tmp_path / "evil", marker)
+    data = _fake_dataset(tmp_path / "data")
+    assert main(["evaluate", "--checkpoint", str(crafted), "--data", data, "--crops", "1", "--no-tracking"]) == 2
+    assert "refusing to load" in capsys.readouterr().err and not marker.exists()
+    assert main(["transfer", "caltech101", "--data", data, "--checkpoint", str(crafted / "checkpoint.pt"),
+                 "--no-tracking"]) == 2
+    assert "refusing to load" in capsys.readouterr().err and not marker.exists()
+
+    # the run's latest checkpoint, as a rerun of the same train.run_name would resume it
+    _crafted_checkpoint(tmp_path / "ray" / "evil-run" / "checkpoint_2026-01-01_00-00-00.000000", marker)
+    _no_training(monkeypatch)
+    assert main(["train", "--config", str(ROOT / "configs" / "smoke.yaml"), "--data", data, "--no-tracking",
+                 "--set", f"train.storage_path={tmp_path / 'ray'}", "--set", "train.run_name=evil-run"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to load" in err and "checkpoint.pt" in err and not marker.exists()
+
+
+# --- a resume continues the same data and model, or is refused before training ----------------------------------
+
+
+def _saved_run(tmp_path: Path, data: str, *overrides: str) -> tuple:
+    """A run ``r`` with one checkpoint, written by ``checkpoint_state`` for ``overrides``' config and ``data``."""
+    from alexnet.train import LRSchedule, build_optimizer, checkpoint_state
+    from pipelines.prepare import manifest_hash
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"data.data={data}", "train.run_name=r",
+                                                        f"train.storage_path={tmp_path / 'ray'}", *overrides])
+    model = torch.nn.Linear(2, 2)
+    state = checkpoint_state(model=model, optimizer=build_optimizer(model, lr=0.1, momentum=0.9, weight_decay=0),
+                             schedule=LRSchedule(0.1), epoch=2, config=cfg.to_dict(), num_classes=10,
+                             manifest_sha256=manifest_hash(data), stats_sha256=None, history=[], mlflow_run_id=None)
+    for name in ("checkpoint_2026-01-01_00-00-00.000000", "checkpoint_2026-01-01_00-00-09.000000"):
+        folder = tmp_path / "ray" / "r" / name
+        folder.mkdir(parents=True)
+        torch.save(state, folder / "checkpoint.pt")
+    return cfg, folder
+
+
+def test_resuming_on_other_data_or_another_model_is_refused_before_training(tmp_path, monkeypatch):
+    from alexnet.train import ResumeRefused, check_resume, run_training
+    from pipelines.prepare import manifest_hash
+
+    data = _fake_dataset(tmp_path / "a")
+    cfg, latest = _saved_run(tmp_path, data)
+    sha = manifest_hash(data)
+    assert check_resume(cfg, manifest_sha256=sha, num_classes=10) == str(latest)  # same data and model: resumes
+    more_epochs = load_config(ROOT / "configs" / "smoke.yaml", [f"data.data={data}", "train.run_name=r",
+                                                                f"train.storage_path={tmp_path / 'ray'}",
+                                                                "train.epochs=50", "data.limit_train=7"])
+    assert check_resume(more_epochs, manifest_sha256=sha, num_classes=10) == str(latest)
+
+    _no_training(monkeypatch)
+    other = _fake_dataset(tmp_path / "b", salt="other images")
+    cfg.data.data = other
+    with pytest.raises(ResumeRefused, match=r"data manifest sha256 .* != .*train.run_name.*train.resume=force") as e:
+        run_training(cfg, tracking=False)
+    assert "\n" not in str(e.value)
+
+    variant = load_config(ROOT / "configs" / "smoke.yaml", [f"data.data={data}", "train.run_name=r",
+                                                            f"train.storage_path={tmp_path / 'ray'}",
+                                                            "model.groups=1", "data.crop=192"])
+    with pytest.raises(ResumeRefused, match=r"model.groups 2 != 1; data.crop 224 != 192"):
+        run_training(variant, tracking=False)
+    with pytest.raises(ResumeRefused, match="num_classes 10 != 5"):
+        check_resume(cfg, manifest_sha256=manifest_hash(other), num_classes=5)
+
+    variant.train.resume = "force"  # the way out: continue anyway
+    assert check_resume(variant, manifest_sha256=sha, num_classes=10) == str(latest)
+    variant.train.resume = "never"
+    with pytest.raises(ResumeRefused, match="train.resume=never"):
+        check_resume(variant, manifest_sha256=sha, num_classes=10)
+    variant.train.run_name = "fresh"  # a new name starts a new run
+    assert check_resume(variant, manifest_sha256=sha, num_classes=10) is None
+
+
+def test_train_resume_is_a_typed_config_key():
+    assert load_config(None, ["train.resume=force"]).train.resume == "force"
+    with pytest.raises(ValueError, match=r"train.resume must be one of \['auto', 'force', 'never'\]"):
+        load_config(None, ["train.resume=sometimes"])
