@@ -409,6 +409,30 @@ def _fetch_local(uri: str, path: Path, part: _PartFile, chunk_size: int) -> None
             part.append(data)
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+
+
+def _origin_bound_session(headers: Mapping[str, str]) -> Any:
+    """A ``requests.Session`` that drops the caller's ``headers`` (typically credentials) when a redirect leaves the
+    origin (scheme, host and port) they were given for; requests itself strips only ``Authorization``, and keeps
+    it on an http -> https redirect."""
+    import requests
+
+    class Session(requests.Session):
+        def rebuild_auth(self, prepared_request: Any, response: Any) -> None:
+            super().rebuild_auth(prepared_request, response)
+            if _origin(prepared_request.url) != _origin(response.request.url):
+                for name in headers:
+                    prepared_request.headers.pop(name, None)  # case-insensitive; stays dropped on later hops
+
+    return Session()
+
+
 def _fetch_http(uri: str, part: _PartFile, headers: Mapping[str, str], chunk_size: int) -> None:
     import requests  # deferred: only HTTP sources need them
     import urllib3
@@ -419,7 +443,8 @@ def _fetch_http(uri: str, part: _PartFile, headers: Mapping[str, str], chunk_siz
     if resuming:
         request_headers["Range"] = f"bytes={part.size}-"
     try:
-        with requests.get(uri, headers=request_headers, stream=True, timeout=_HTTP_TIMEOUT_S) as resp:
+        with _origin_bound_session(headers) as session, \
+                session.get(uri, headers=request_headers, stream=True, timeout=_HTTP_TIMEOUT_S) as resp:
             status = resp.status_code
             if status == 416 and resuming:
                 total = _content_range(resp.headers.get("Content-Range"))[1]

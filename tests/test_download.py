@@ -64,6 +64,8 @@ class ServerState:
     fail_status: int | None = None  # status for faulty requests instead of cutting the body
     extra_headers: dict[str, str] = field(default_factory=dict)  # added to every file response
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> URL: answered with a 302 to the URL
+    headers_seen: list[dict[str, str]] = field(default_factory=list)  # the request headers, per request
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -87,8 +89,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         range_header = self.headers.get("Range")
         with st.lock:
             st.requests.append((self.path, range_header))
+            st.headers_seen.append(dict(self.headers.items()))
             faulty = st.faults > 0
             st.faults -= faulty
+        if self.path in st.redirects:
+            return self._reply(302, {"Location": st.redirects[self.path]})
         if st.auth is not None and self.headers.get("Authorization") != st.auth:
             return self._reply(401, body=b"unauthorized")
         if faulty and st.fail_status is not None:
@@ -132,7 +137,10 @@ class _Server(http.server.ThreadingHTTPServer):
 
 @pytest.fixture
 def http_server(tmp_path: Path) -> Iterator[tuple[str, ServerState]]:
-    root = tmp_path / "served"
+    yield from _running_server(tmp_path / "served")
+
+
+def _running_server(root: Path) -> Iterator[tuple[str, ServerState]]:
     root.mkdir()
     server = _Server(("127.0.0.1", 0), _Handler)
     server.state = ServerState(root=root)
@@ -310,6 +318,34 @@ def test_http_401_names_header_option_and_headers_fix_it(http_server, tmp_path: 
     headers = parse_headers([f"Authorization: {TOKEN}"])
     download_file(f"{url}/a.tar", tmp_path / "a.tar", md5=_md5(data), headers=headers, progress=False)
     assert (tmp_path / "a.tar").read_bytes() == data
+
+
+def test_auth_headers_follow_a_redirect_only_within_the_origin(http_server, tmp_path: Path) -> None:
+    url, state = http_server
+    other = _running_server(tmp_path / "other")  # the same host on another port: another origin
+    other_url, other_state = next(other)
+    try:
+        data = _payload(4_000)
+        _serve(state, "b.tar", data)
+        _serve(other_state, "a.tar", data)
+        headers = parse_headers([f"Authorization: {TOKEN}", "X-Api-Key: key-123", "Cookie: session=abc"])
+        secret = {"authorization", "x-api-key", "cookie"}
+        # within the origin: /moved/b.tar -> /b.tar keeps them
+        state.redirects["/moved/b.tar"] = f"{url}/b.tar"
+        download_file(f"{url}/moved/b.tar", tmp_path / "b.tar", md5=_md5(data), headers=headers, progress=False)
+        assert [seen["X-Api-Key"] for seen in state.headers_seen] == ["key-123", "key-123"]
+        # to another port: /a.tar -> other/a.tar; the other server never sees them
+        state.redirects["/a.tar"] = f"{other_url}/a.tar"
+        download_file(f"{url}/a.tar", tmp_path / "a.tar", md5=_md5(data), headers=headers, progress=False)
+        assert (tmp_path / "a.tar").read_bytes() == data and state.headers_seen[-1]["Cookie"] == "session=abc"
+        leaked = {k for seen in other_state.headers_seen for k in seen if k.lower() in secret}
+        assert len(other_state.headers_seen) == 1 and not leaked, other_state.headers_seen
+        # and back: other/c.tar -> /b.tar; dropped once, never sent again on that chain
+        other_state.redirects["/c.tar"] = f"{url}/b.tar"
+        download_file(f"{other_url}/c.tar", tmp_path / "c.tar", md5=_md5(data), headers=headers, progress=False)
+        assert not {k for k in state.headers_seen[-1] if k.lower() in secret}
+    finally:
+        next(other, None)
 
 
 def test_checksum_mismatch_keeps_corrupt_file(http_server, tmp_path: Path) -> None:
