@@ -352,13 +352,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from pipelines.redact import redact_handlers, redact_text
+
+    redact_handlers()  # no credential of a URI in a log line, ours or a library's
     handler: Handler = args.handler
     try:
         return handler(args) or 0
     except (ValueError, RuntimeError, FileNotFoundError, OSError) as e:
         # Expected failures (bad input, checksum, incomplete data) end with their message, not a traceback.
         logging.getLogger("alexnet").debug("failed", exc_info=True)
-        print(f"alexnet {args.command}: error: {e}", file=sys.stderr)
+        print(f"alexnet {args.command}: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
 
 

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipelines.redact import redact_text, redact_values
+
 log = logging.getLogger(__name__)
 
 DEFAULT_STORE = "sqlite:///mlflow.db"
@@ -52,7 +54,7 @@ class RunLogger:
         mlflow.set_tracking_uri(tracking_uri)
         exp = mlflow.get_experiment_by_name(experiment)
         experiment_id = exp.experiment_id if exp else mlflow.create_experiment(experiment)
-        all_tags = dict(tags or {})
+        all_tags = redact_values(dict(tags or {}))
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         self._client = mlflow.MlflowClient(tracking_uri)
@@ -67,13 +69,14 @@ class RunLogger:
         from mlflow.entities import Param
 
         existing = self._client.get_run(self.run_id).data.params
-        fresh = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        # Values may hold URIs with credentials (a tracking URI with a password, a presigned source): redacted.
+        fresh = [Param(k, redact_text(str(v))[:6000]) for k, v in params.items() if k not in existing]
         for i in range(0, len(fresh), 100):
             self._client.log_batch(self.run_id, params=fresh[i : i + 100])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
-            self._client.set_tag(self.run_id, k, v)
+            self._client.set_tag(self.run_id, k, redact_text(str(v)))
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
         from mlflow.entities import Metric
@@ -87,7 +90,7 @@ class RunLogger:
     def log_dict(self, obj: Any, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
-            path.write_text(json.dumps(obj, indent=2))
+            path.write_text(json.dumps(redact_values(obj), indent=2))
             self._client.log_artifact(self.run_id, str(path))
 
     def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:

@@ -629,6 +629,9 @@ def main(argv: list[str] | None = None) -> int:
     add_train_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipelines.redact import redact_handlers
+
+    redact_handlers()  # no credential of a URI in a log line
     return run_from_args(args)
 
 

@@ -74,6 +74,7 @@ from prefect.cache_policies import INPUTS, NO_CACHE, CachePolicy
 from pydantic import BaseModel, Field
 
 from alexnet.results import PAPER_VAL_ERRORS, csv_text, imagenet_table, markdown
+from pipelines.redact import has_secret, redact_text, redact_uri
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +90,7 @@ class StageFailed(RuntimeError):
     """A stage of the flow failed; the message names the stage and the cause."""
 
     def __init__(self, stage: str, cause: BaseException) -> None:
-        text = str(cause).strip() or repr(cause)
+        text = redact_text(str(cause).strip() or repr(cause))
         if len(text) > 4000:  # a Ray Train failure carries every worker's traceback: keep both ends
             text = text[:1500] + "\n...\n" + text[-2500:]
         super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {text}")
@@ -201,12 +202,23 @@ def _job_env(tracking_uri: str | None) -> dict[str, str]:
     (job settings are visible in the Ray dashboard): give the cluster its own (instance role or its environment)."""
     from pipelines import storage
 
-    env = {"PYTHONUNBUFFERED": "1"}
-    env |= {k: v for k, v in storage.worker_env().get("env_vars", {}).items()
-            if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
+    env = {"PYTHONUNBUFFERED": "1"} | storage.worker_env().get("env_vars", {})
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     return env
+
+
+def refuse_secrets_in_jobs(named: dict[str, str]) -> None:
+    """Refuse to put a credential-bearing value (``named``: what it is -> the value) into a Ray job: its entrypoint
+    and runtime_env are shown by the dashboard, ``ray job list`` and the job's logs. The error names the values,
+    redacted, and the way out: credentials by the cluster's own means."""
+    exposed = [f"{name} ({redact_text(value)})" for name, value in named.items() if has_secret(str(value))]
+    if exposed:
+        raise ValueError(
+            f"refusing to send credentials to Ray jobs, whose command line and environment the cluster shows: "
+            f"{', '.join(exposed)} carry a password, token or signature. Give the cluster's nodes their own "
+            "(MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD for an MLflow server, PGPASSWORD or ~/.pgpass for "
+            "PostgreSQL, an instance role or AWS_* variables for S3) and pass the URIs without them")
 
 
 def _logger():
@@ -228,6 +240,8 @@ def run_ray_job(address: str, stage: str, argv: list[str], *, env: dict[str, str
     Interrupting this (a cancelled flow run) stops the job."""
     from ray.job_submission import JobStatus
 
+    refuse_secrets_in_jobs({f"argument {i + 1}": a for i, a in enumerate(argv)} | {f"env {k}": v
+                                                                                  for k, v in (env or {}).items()})
     logger = _logger()
     client = _job_client(address)
     python = os.environ.get("ALEXNET_RAY_JOB_PYTHON", "python")
@@ -252,7 +266,7 @@ def run_ray_job(address: str, stage: str, argv: list[str], *, env: dict[str, str
             chunk = chunk[: chunk.rfind("\n") + 1]
         shown += len(chunk)
         for line in _ANSI.sub("", chunk).splitlines():
-            logger.info("[%s] %s", job_id, line)
+            logger.info("[%s] %s", job_id, redact_text(line))
         return logs
 
     try:
@@ -274,7 +288,7 @@ def run_ray_job(address: str, stage: str, argv: list[str], *, env: dict[str, str
     if status != JobStatus.SUCCEEDED:
         info = client.get_job_info(job_id)
         exit_code = getattr(info, "driver_exit_code", None)
-        last = "\n".join(_ANSI.sub("", logs).splitlines()[-40:])
+        last = redact_text("\n".join(_ANSI.sub("", logs).splitlines()[-40:]))
         raise RayJobError(f"Ray job {job_id} ({entrypoint}) ended {status.value}: {info.message or ''}\n"
                           f"last lines of its logs:\n{last}",
                           transient=status == JobStatus.FAILED and exit_code is None)
@@ -516,7 +530,7 @@ class Lineage:
         return mlflow.MlflowClient(self.tracking_uri)
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
-        self.client().log_text(run_id, text, name)
+        self.client().log_text(run_id, redact_text(text), name)
 
 
 # --- post-training stages ---------------------------------------------------------------------------------------------
@@ -830,6 +844,9 @@ def alexnet_flow(
     config = cfg.to_dict()
     training_config = {k: v for k, v in config.items() if k != "transfer"}  # transfer settings do not change training
     job_env = _job_env(tracking_uri) if ray_address else {}
+    if ray_address:  # before any work: a stage's job would be refused later anyway
+        refuse_secrets_in_jobs({"raw_uri": raw_uri, "data_uri": data_uri, "checkpoint": checkpoint or ""}
+                               | {k: str(v) for k, v in cfg.flat().items()})
 
     options: dict[str, Any] = {}
     if results_dir:
@@ -847,12 +864,13 @@ def alexnet_flow(
                                "flow.data_uri": data_uri, "flow.source_uri": source_uri or "",
                                "flow.synthetic": synthetic, "flow.ray_address": ray_address or ""} | cfg.flat())
     logger.info("MLflow parent run %s (experiment %r, %s); heavy stages %s", lineage.run_id, cfg.tracking.experiment,
-                tracking_uri, f"as Ray jobs on {ray_address}" if ray_address else "in this process (local Ray)")
+                redact_uri(tracking_uri),
+                f"as Ray jobs on {redact_uri(ray_address)}" if ray_address else "in this process (local Ray)")
     stages = _Stages(lineage)
     try:
         summary: dict[str, Any] = {
-            "mlflow": {"run_id": None, "parent_run_id": lineage.run_id, "tracking_uri": tracking_uri,
-                       "experiment": cfg.tracking.experiment, "ui": _ui_hint(tracking_uri)},
+            "mlflow": {"run_id": None, "parent_run_id": lineage.run_id, "tracking_uri": redact_uri(tracking_uri),
+                       "experiment": cfg.tracking.experiment, "ui": redact_text(_ui_hint(tracking_uri))},
             "prefect": {"flow_run_id": str(run_id), "flow_run_name": run_name},
         }
         if checkpoint:  # transfer from a given ImageNet checkpoint: the ImageNet stages do not run

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pipelines.formats import DATASET_FILES, IMAGENET_FILES, IMAGENET_MD5, IMAGENET_SIZES, TRANSFER_MD5
+from pipelines.redact import redact_text, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class ChecksumError(RuntimeError):
     """A file's MD5 differs from the expected one. ``path`` is where the bad file was kept."""
 
     def __init__(self, message: str, *, path: Path | None = None, expected: str = "", actual: str = "") -> None:
-        super().__init__(message)
+        super().__init__(redact_text(message))  # the source URI may be presigned
         self.path, self.expected, self.actual = path, expected, actual
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -84,8 +85,8 @@ class DownloadError(RuntimeError):
     ``missing`` says the source has no such file (HTTP 404, no S3 object, no local file)."""
 
     def __init__(self, message: str, *, uri: str = "", status: int | None = None, missing: bool = False) -> None:
-        super().__init__(message)
-        self.uri, self.status, self.missing = uri, status, missing
+        super().__init__(redact_text(message))  # the source URI may be presigned or carry a password
+        self.uri, self.status, self.missing = redact_uri(uri), status, missing
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (type(self), str(self), {"uri": self.uri, "status": self.status, "missing": self.missing}))
@@ -164,7 +165,7 @@ def download_file(
 
     part_path = dest.with_name(dest.name + _PART_SUFFIX)
     with _PartFile(part_path, chunk_size, progress, dest.name) as part:
-        log.info("downloading %s -> %s%s", uri, dest, f" (resuming at {part.size} bytes)" if part.size else "")
+        log.info("downloading %s -> %s%s", redact_uri(uri), dest, f" (resuming at {part.size} bytes)" if part.size else "")
         _fetch_with_retries(fetch, uri, part, retries)
         actual = part.finish()
         size = part.size
@@ -270,7 +271,7 @@ def download_dataset(
                 empty_part = Path(dest) / (name + _PART_SUFFIX)
                 if empty_part.exists() and empty_part.stat().st_size == 0:
                     empty_part.unlink()  # opened before the source turned out not to have it
-                log.info("%s is not at %s; trying the other packagings of %s", name, source, dataset)
+                log.info("%s is not at %s; trying the other packagings of %s", name, redact_uri(source), dataset)
         else:
             raise DownloadError(f"none of {', '.join(group)} is at {source}; fix: check the source prefix",
                                 uri=source, missing=True)
@@ -361,7 +362,7 @@ def _fetch_with_retries(fetch: _Fetch, uri: str, part: _PartFile, retries: int) 
                     uri=uri,
                 ) from exc
             delay = min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
-            log.warning("%s: %s; retry %d/%d in %.1f s from byte %d", uri, exc, failures, retries, delay, part.size)
+            log.warning("%s: %s; retry %d/%d in %.1f s from byte %d", redact_uri(uri), redact_text(str(exc)), failures, retries, delay, part.size)
             time.sleep(delay)
 
 
@@ -373,7 +374,7 @@ def _fetcher_for(uri: str, headers: Mapping[str, str], chunk_size: int) -> _Fetc
     if scheme in ("http", "https"):
         return lambda part: _fetch_http(uri, part, headers, chunk_size)
     if headers:
-        log.warning("headers are only sent to http(s) sources; ignoring them for %s", uri)
+        log.warning("headers are only sent to http(s) sources; ignoring them for %s", redact_uri(uri))
     if scheme == "s3":
         bucket, key = _split_s3(uri)
         # One client per file: created lazily, reused by the retries, nothing kept at module level.
@@ -449,9 +450,9 @@ def _fetch_http(uri: str, part: _PartFile, headers: Mapping[str, str], chunk_siz
             if status == 416 and resuming:
                 total = _content_range(resp.headers.get("Content-Range"))[1]
                 if total is None or total == part.size:
-                    log.info("%s: server reports the range past the end; the part is complete", uri)
+                    log.info("%s: server reports the range past the end; the part is complete", redact_uri(uri))
                     return
-                log.warning("%s: %s has %d bytes but the source has %d; starting over", uri, part.path,
+                log.warning("%s: %s has %d bytes but the source has %d; starting over", redact_uri(uri), part.path,
                             part.size, total)
                 part.restart()
                 raise _Transient(f"part larger than the source ({total} bytes)")
@@ -463,7 +464,7 @@ def _fetch_http(uri: str, part: _PartFile, headers: Mapping[str, str], chunk_siz
                     raise _Transient(f"server answered a range starting at {start}, not {part.size}")
             else:
                 if resuming:
-                    log.warning("%s: server ignored the Range request (HTTP %d); restarting from zero", uri, status)
+                    log.warning("%s: server ignored the Range request (HTTP %d); restarting from zero", redact_uri(uri), status)
                     part.restart()
                 length = resp.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None

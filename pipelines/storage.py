@@ -29,21 +29,22 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-#: Variables that say where S3 is and who we are; handed to Ray workers (see ``worker_env``).
+#: Variables that say where S3 is; handed to Ray workers (see ``worker_env``). Not the credentials
+#: (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``): a runtime_env is shown to anyone who
+#: can run ``ray list tasks --detail`` or open the dashboard. Workers find credentials as any AWS client does, by
+#: the cluster's own means: the nodes' environment, ``~/.aws`` (``AWS_PROFILE`` names a profile there) or an
+#: instance role.
 S3_ENV_VARS = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_PROFILE",
 )
 
 
 def worker_env() -> dict[str, Any]:
-    """A Ray ``runtime_env`` giving tasks the driver's S3 settings.
+    """A Ray ``runtime_env`` giving tasks the driver's S3 endpoint and region (never its credentials).
 
     Workers of an already running Ray (a cluster, or a local one started earlier) do not see variables set in the
     driver later, so tasks that open ``s3://`` URIs carry them explicitly.
@@ -53,11 +54,10 @@ def worker_env() -> dict[str, Any]:
 
 
 @lru_cache(maxsize=8)
-def _s3_filesystem(endpoint: str | None, region: str, credentials: tuple[str, ...] | None) -> pafs.S3FileSystem:
+def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
+    # No explicit keys: the filesystem is pickled into Ray task arguments, and keys given to it would travel (and be
+    # stored) with it. Without them each process resolves credentials itself through the AWS default chain.
     kwargs: dict[str, Any] = {"region": region}
-    if credentials:
-        # explicit keys travel with the pickled filesystem to Ray workers that lack the variables
-        kwargs.update(zip(("access_key", "secret_key", "session_token"), credentials))
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
@@ -69,9 +69,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem holding ``uri`` and the path of ``uri`` inside it."""
     if is_s3(uri):
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        keys = tuple(os.environ.get(k, "") for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"))
-        credentials = (keys if keys[2] else keys[:2]) if keys[0] and keys[1] else None
-        return _s3_filesystem(s3_endpoint(), region, credentials), uri[len("s3://") :].rstrip("/")
+        return _s3_filesystem(s3_endpoint(), region), uri[len("s3://") :].rstrip("/")
     return pafs.LocalFileSystem(), local_path(uri)
 
 

@@ -19,6 +19,22 @@ SYNTH = dict(classes=4, train_per_class=12, val_per_class=4, size=200, seed=0)
 SYNTH_BAD_FRACTION = 0.1
 
 
+@pytest.fixture(scope="session", autouse=True)
+def node_s3_credentials():
+    """The loopback S3 server's dummy keys in the environment of every Ray started by the tests: Ray workers get
+    no credentials from the driver (``storage.worker_env`` passes endpoints only), they find them on their node, as
+    on a cluster. Set before any Ray starts, so that its workers inherit them."""
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray

@@ -163,3 +163,123 @@ def test_train_resume_is_a_typed_config_key():
     assert load_config(None, ["train.resume=force"]).train.resume == "force"
     with pytest.raises(ValueError, match=r"train.resume must be one of \['auto', 'force', 'never'\]"):
         load_config(None, ["train.resume=sometimes"])
+
+
+# --- no credential in a Ray runtime_env or a pickled filesystem ------------------------------------------------------
+
+SECRETS = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEYID0001", "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMIsecretEXAMPLEKEY",
+           "AWS_SESSION_TOKEN": "FwoGZXIvYXdzEXAMPLEsessiontoken"}
+
+
+def test_ray_workers_get_s3_endpoints_but_never_credentials(monkeypatch):
+    import pickle
+
+    from flows.alexnet_flow import _job_env
+    from pipelines import storage
+
+    for k, v in {**SECRETS, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_REGION": "eu-west-1"}.items():
+        monkeypatch.setenv(k, v)
+    env = storage.worker_env()["env_vars"]
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and env["AWS_REGION"] == "eu-west-1"
+    job = _job_env("sqlite:///x.db")  # a Ray job's runtime_env, from the flow
+    fs, _ = storage.filesystem("s3://bucket/data")  # pickled into Ray Data and Ray Train task arguments
+    shipped = json.dumps(env) + json.dumps(job) + pickle.dumps(fs).decode("latin-1")
+    assert not [name for name, secret in SECRETS.items() if secret in shipped or name in env]
+
+
+# --- credentials in URIs reach no log, MLflow param or tag, error text or Ray job ---------------------------------
+
+PRESIGNED = ("https://bucket.s3.amazonaws.com/ilsvrc?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+             "&X-Amz-Credential=AKIAPRESIGNED%2F20260101%2Fus-east-1%2Fs3&X-Amz-Date=20260101T000000Z"
+             "&X-Amz-Expires=3600&X-Amz-Security-Token=FwoGSESSIONTOKEN&X-Amz-Signature=5f3c0ffeeSIGNATURE")
+URI_SECRETS = ("AKIAPRESIGNED", "FwoGSESSIONTOKEN", "5f3c0ffeeSIGNATURE", "pg-PASSWORD", "http-PASSWORD", "ghTOKEN",
+               "azSIG")
+
+
+def test_redact_uri_masks_passwords_and_signatures_and_keeps_the_rest():
+    from pipelines.redact import redact_text, redact_uri
+
+    assert redact_uri("postgresql://mlflow:pg-PASSWORD@db.internal:5432/mlflow") == \
+        "postgresql://mlflow:***@db.internal:5432/mlflow"
+    assert redact_uri("https://user:http-PASSWORD@mirror.example.org/ilsvrc") == "https://user:***@mirror.example.org/ilsvrc"
+    assert redact_uri("https://ghTOKEN@github.com/x/y") == "https://***@github.com/x/y"
+    shown = redact_uri(PRESIGNED)
+    assert shown.startswith("https://bucket.s3.amazonaws.com/ilsvrc?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=***")
+    assert "X-Amz-Expires=3600" in shown and not [s for s in URI_SECRETS if s in shown]
+    assert redact_uri("https://a.blob.core.windows.net/c/f.tar?sv=2022-11-02&sig=azSIG%3D") == \
+        "https://a.blob.core.windows.net/c/f.tar?sv=2022-11-02&sig=***"
+    for plain in ("s3://bucket/imagenet-256", "/data/imagenet", "sqlite:////tmp/mlflow.db", "http://127.0.0.1:5000",
+                  "https://mirror.example.org/ilsvrc?page=2"):
+        assert redact_uri(plain) == plain
+    text = f"HTTP 404 for {PRESIGNED}; also url: /ilsvrc?X-Amz-Signature=5f3c0ffeeSIGNATURE&x=1"
+    assert not [s for s in URI_SECRETS if s in redact_text(text)] and "x=1" in redact_text(text)
+
+
+def test_mlflow_params_tags_and_logged_dicts_hold_no_credentials(tmp_path):
+    import mlflow
+
+    from alexnet.tracking import RunLogger
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = RunLogger(store, "secrets", run_name="r", tags={"source": PRESIGNED})
+    run.log_params({"tracking.tracking_uri": "postgresql://mlflow:pg-PASSWORD@db/mlflow", "flow.source_uri": PRESIGNED,
+                    "flow.overrides": "train.storage_path=https://user:http-PASSWORD@h/runs"})
+    run.set_tags({"alexnet.error": f"HTTP 403 for {PRESIGNED}"})
+    run.log_dict({"checkpoint": "https://ghTOKEN@github.com/w.pt"}, "evaluation.json")
+    run.end()
+    data = mlflow.MlflowClient(store).get_run(run.run_id).data
+    logged = mlflow.artifacts.download_artifacts(run_id=run.run_id, artifact_path="evaluation.json",
+                                                 tracking_uri=store)
+    stored = json.dumps([data.params, data.tags]) + Path(logged).read_text()
+    assert data.params["tracking.tracking_uri"] == "postgresql://mlflow:***@db/mlflow"
+    assert not [s for s in URI_SECRETS if s in stored], stored
+
+
+def test_the_cli_and_its_logs_show_no_credentials_of_a_source_uri(tmp_path, capfd, caplog):
+    import http.server
+    import threading
+
+    from alexnet.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    class Quiet(http.server.SimpleHTTPRequestHandler):  # 404 for everything; its own access log is not ours
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(empty), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        source = (f"http://user:http-PASSWORD@127.0.0.1:{port}/ilsvrc?X-Amz-Credential=AKIAPRESIGNED"
+                  "&X-Amz-Signature=5f3c0ffeeSIGNATURE")
+        with caplog.at_level("DEBUG"):  # --verbose: urllib3 logs each request line, query included
+            assert main(["--verbose", "download", "imagenet", "--from", source, "--to", str(tmp_path / "raw")]) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+    out, err = capfd.readouterr()
+    assert "error:" in err and f"127.0.0.1:{port}" in err  # still says where
+    shown = out + err + caplog.text
+    assert not [s for s in URI_SECRETS if s in shown], shown
+
+
+def test_a_ray_job_never_carries_credentials_on_its_command_line_or_in_its_env():
+    from flows.alexnet_flow import _config_argv, refuse_secrets_in_jobs, run_ray_job
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [
+        "tracking.tracking_uri=postgresql://mlflow:pg-PASSWORD@db/mlflow", "data.data=s3://b/imagenet-256"])
+    argv = ["-m", "alexnet.train", *_config_argv(cfg.to_dict())]  # what the flow's train stage submits
+    # refused before the cluster is contacted (nothing listens on port 9)
+    with pytest.raises(ValueError, match="refusing to send credentials to Ray jobs.*PGPASSWORD") as e:
+        run_ray_job("http://127.0.0.1:9", "train", argv, env={})
+    assert "postgresql://mlflow:***@db/mlflow" in str(e.value) and "pg-PASSWORD" not in str(e.value)
+    with pytest.raises(ValueError, match="env MLFLOW_TRACKING_URI"):
+        run_ray_job("http://127.0.0.1:9", "train", ["-m", "alexnet.cli", "stats", "--data", "s3://b/x"],
+                    env={"MLFLOW_TRACKING_URI": "https://user:http-PASSWORD@mlflow.internal"})
+    with pytest.raises(ValueError, match="raw_uri"):
+        refuse_secrets_in_jobs({"raw_uri": PRESIGNED, "data_uri": "s3://b/x"})
+    refuse_secrets_in_jobs({"data_uri": "s3://b/x", "tracking.tracking_uri": "postgresql://mlflow@db/mlflow"})
