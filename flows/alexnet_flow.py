@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -74,7 +75,7 @@ from prefect.cache_policies import INPUTS, NO_CACHE, CachePolicy
 from pydantic import BaseModel, Field
 
 from alexnet.results import PAPER_VAL_ERRORS, csv_text, imagenet_table, markdown
-from pipelines.redact import has_secret, redact_text, redact_uri
+from pipelines.redact import has_secret, redact_handlers, redact_text, redact_uri
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -827,6 +828,8 @@ def alexnet_flow(
     from prefect.runtime import deployment, flow_run
 
     logger = get_run_logger()
+    for name in ("prefect.flow_runs", "prefect.task_runs", None):  # the Prefect API's log handlers, the console's
+        redact_handlers(logging.getLogger(name))
     if synthetic and source_uri:
         raise ValueError("pass either synthetic=True or source_uri, not both (both write into raw_uri)")
     unknown = sorted(set(post_training) - set(POST_TRAINING_STAGES))

@@ -442,6 +442,57 @@ def test_mlflow_ui_shows_the_flow_runs_in_headless_chromium(flow_runs, tmp_path,
     assert screenshot.stat().st_size > 10_000
 
 
+@pytest.mark.slow
+def test_credentials_in_uris_reach_no_mlflow_param_tag_or_prefect_log(prefect_api, tmp_path, caplog):
+    """A presigned source_uri with a password, and a password in an override: the download stage fails (HTTP 404
+    from a loopback server) and no secret is in the MLflow store, the flow run's Prefect logs, its state message or
+    the captured logs; the URIs still say where (redacted)."""
+    import http.server
+    import threading
+
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    from flows import alexnet_flow
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    secrets = ("src-PASSWORD", "AKIAPRESIGNED", "5f3c0ffeeSIGNATURE", "ovr-PASSWORD")
+    source = (f"http://user:src-PASSWORD@127.0.0.1:{server.server_address[1]}/ilsvrc?X-Amz-Credential=AKIAPRESIGNED"
+              "&X-Amz-Signature=5f3c0ffeeSIGNATURE")
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    try:
+        with caplog.at_level("INFO"):
+            state = alexnet_flow(raw_uri=str(tmp_path / "raw"), data_uri=str(tmp_path / "prepared"), source_uri=source,
+                                 mlflow_tracking_uri=tracking_uri, results_dir=str(tmp_path / "results"),
+                                 overrides=["train.storage_path=https://user:ovr-PASSWORD@store.example/runs"],
+                                 return_state=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert state.is_failed() and "stage 'download' failed" in state.message and "HTTP 404" in state.message
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(
+            flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    store = mlflow.MlflowClient(tracking_uri)
+    runs = store.search_runs([e.experiment_id for e in store.search_experiments()])
+    stored = json.dumps([[r.data.params, r.data.tags] for r in runs])
+    assert "user:***@127.0.0.1" in stored and "X-Amz-Signature=***" in stored and "HTTP 404" in stored
+    seen = "\n".join([stored, state.message, *(log.message for log in logs), caplog.text])
+    assert logs and not [s for s in secrets if s in seen], [line for line in seen.splitlines()
+                                                            if any(s in line for s in secrets)]
+
+
 # --- slow: the flow with its data and checkpoints on S3 (a moto server on loopback) ----------------------------------
 
 
