@@ -196,3 +196,31 @@ def test_draft_scale_follows_pillows_rule():
     assert imaging.draft_scale(3000, 2250, 256) == 8
     assert imaging.draft_scale(20, 15, 256) == 1
     assert imaging.draft_scale(3000, 2250, None) == 1
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white():
+    wide = np.linspace(0, 65535, 256 * 256).reshape(256, 256).astype(np.uint16)
+    data = _encode(Image.fromarray(wide), "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    expected = np.round(wide / 257).astype(int)
+    for decoder in ("turbo", "pillow"):
+        got = np.asarray(imaging.decode(data, decoder=decoder)).astype(int)
+        assert got.shape == (256, 256, 3) and (got == expected[:, :, None]).all()
+
+
+def _cut_with_eoi(data: bytes) -> bytes:
+    """``data`` with the second half of its entropy-coded scan removed and a proper EOI marker appended."""
+    scan = data.index(b"\xff\xda")
+    return data[: scan + (len(data) - scan) // 2] + b"\xff\xd9"
+
+
+def test_a_jpeg_cut_short_but_ending_in_eoi_is_rejected_by_both_decoders():
+    good = _encode(_gradient(400, 300), quality=90)
+    for data in (_cut_with_eoi(good), _cut_with_eoi(_encode(_gradient(400, 300).convert("CMYK"), "JPEG"))):
+        # libjpeg fills the missing half with grey and Pillow returns that image
+        assert np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[-1].std() == 0
+        for decoder in ("turbo", "pillow"):
+            with pytest.raises(DecodeError, match="truncated or corrupt: .*premature end of data segment"):
+                imaging.preprocess(data, ImageRecipe(decoder=decoder))
+    for decoder in ("turbo", "pillow"):  # the complete file still decodes
+        imaging.preprocess(good, ImageRecipe(decoder=decoder))
