@@ -215,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "imagenet":
             p.add_argument("--layout", choices=("official", "kaggle", "imagefolder"), help="skip auto-detection")
         p.add_argument("--format", choices=("jpeg", "raw"), default="jpeg", help="stored image encoding (default jpeg)")
-        p.add_argument("--quality", type=_ranged("[1, 100]"), default=90, help="JPEG quality of stored images (default 90)")
-        p.add_argument("--size", type=_AT_LEAST_1, default=256, help="shorter side and crop size (default 256, the paper)")
+        p.add_argument("--quality", type=_ranged("[1, 100]"), default=90,
+                       help="JPEG quality of stored images (default 90)")
+        p.add_argument("--size", type=_AT_LEAST_1, default=256,
+                       help="shorter side and crop size (default 256, the paper)")
         p.add_argument("--resample", choices=("bilinear", "bicubic", "lanczos", "box"), default="bilinear",
                        help="resize filter, antialiased (default bilinear)")
         p.add_argument("--no-draft", dest="draft", action="store_false",

@@ -149,8 +149,8 @@ def verified(out: str, records: dict[tuple[str, int], dict]) -> dict[tuple[str, 
 
 
 def _holder() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "token": uuid.uuid4().hex}
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "token": uuid.uuid4().hex}
 
 
 def _describe(holder: dict[str, Any]) -> str:
@@ -209,7 +209,8 @@ def _lock_local(path: str) -> int:
             except BlockingIOError:
                 raise OutputLocked(
                     f"{os.path.dirname(path)} is being written by another `alexnet prepare` "
-                    f"({_describe(_read_fd(fd))}; lock {path}). Wait for it to finish or stop it, or choose another --out."
+                    f"({_describe(_read_fd(fd))}; lock {path}). Wait for it to finish or stop it, or choose another "
+                    "--out."
                 ) from None
             except OSError:  # a filesystem without flock: the recorded pid decides
                 flocked = False

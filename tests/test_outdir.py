@@ -153,7 +153,7 @@ def test_the_lock_of_a_run_that_died_is_taken_over(tmp_path):
     out.mkdir()
     # a run killed with -9 leaves its lock file; the kernel dropped its flock with the process
     code = (f"from pipelines import outdir; import os; cm = outdir.lock({str(out)!r}); cm.__enter__(); "
-            "print(open(os.path.join({!r}, outdir.LOCK_NAME)).read(), flush=True); os._exit(9)".replace("{!r}", repr(str(out))))
+            f"print(open(os.path.join({str(out)!r}, outdir.LOCK_NAME)).read(), flush=True); os._exit(9)")
     dead = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     holder = json.loads(dead.stdout)
     assert holder["host"] == socket.gethostname() and (out / outdir.LOCK_NAME).exists()
