@@ -15,11 +15,22 @@ from collections.abc import Callable, Sequence
 Handler = Callable[[argparse.Namespace], int | None]
 
 
-def _positive_fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
-    return value
+def _ranged(spec: str, kind: type = int) -> Callable[[str], float]:
+    """An argparse ``type``: a number in the interval ``spec`` (``pipelines.ranges``, as for config fields)."""
+
+    def parse(text: str) -> float:
+        from pipelines import ranges
+
+        try:
+            return ranges.parse("", text, spec, kind)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid ... value" message
+    return parse
+
+
+_COUNT, _AT_LEAST_1 = _ranged("[0, inf)"), _ranged("[1, inf)")
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -204,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "imagenet":
             p.add_argument("--layout", choices=("official", "kaggle", "imagefolder"), help="skip auto-detection")
         p.add_argument("--format", choices=("jpeg", "raw"), default="jpeg", help="stored image encoding (default jpeg)")
-        p.add_argument("--quality", type=int, default=90, help="JPEG quality of stored images (default 90)")
-        p.add_argument("--size", type=int, default=256, help="shorter side and crop size (default 256, the paper)")
+        p.add_argument("--quality", type=_ranged("[1, 100]"), default=90,
+                       help="JPEG quality of stored images (default 90)")
+        p.add_argument("--size", type=_AT_LEAST_1, default=256,
+                       help="shorter side and crop size (default 256, the paper)")
         p.add_argument("--resample", choices=("bilinear", "bicubic", "lanczos", "box"), default="bilinear",
                        help="resize filter, antialiased (default bilinear)")
         p.add_argument("--no-draft", dest="draft", action="store_false",
@@ -213,11 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--decoder", choices=("turbo", "pillow"), default="turbo",
                        help="JPEG decoder: libjpeg-turbo 3 via simplejpeg (default; the same pixels, faster) or "
                        "Pillow's; PNG, CMYK and damaged files always go through Pillow")
-        p.add_argument("--shard-rows", type=int, help="images per shard (default: about 96 MB per shard)")
-        p.add_argument("--max-bad-fraction", type=_positive_fraction, default=0.01,
+        p.add_argument("--shard-rows", type=_AT_LEAST_1, help="images per shard (default: about 96 MB per shard)")
+        p.add_argument("--max-bad-fraction", type=_ranged("[0, 1]", float), default=0.01,
                        help="fail when more than this fraction of inputs cannot be decoded (default 0.01)")
-        p.add_argument("--overwrite", action="store_true", help="rebuild OUT from scratch")
-        p.add_argument("--seed", type=int, default=0, help="seed of the train-row order across shards")
+        p.add_argument("--overwrite", action="store_true",
+                       help="rebuild OUT: delete the files a previous prepare wrote there first (refused when OUT "
+                       "holds other files and no prepared dataset)")
+        p.add_argument("--seed", type=_COUNT, default=0, help="seed of the train-row order across shards")
         p.add_argument("--ray-address", help="Ray cluster to run on (default: RAY_ADDRESS, else local)")
         p.set_defaults(handler=_prepare)
 
@@ -230,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--data", required=True, metavar="URI", help="a prepared dataset (folder or s3://...)")
     s.add_argument("--split", default="train", help="split to use (default train)")
-    s.add_argument("--batch-size", type=int, default=64, help="images per Ray Data batch")
+    s.add_argument("--batch-size", type=_AT_LEAST_1, default=64, help="images per Ray Data batch")
     s.add_argument("--ray-address", help="Ray cluster to run on (default: RAY_ADDRESS, else local)")
     s.set_defaults(handler=_stats)
 
@@ -257,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, metavar="URI", help="prepared dataset with stats.json")
     e.add_argument("--crops", type=int, choices=(1, 10), default=1)
     e.add_argument("--split", default="val")
-    e.add_argument("--batch-size", type=int, default=128)
-    e.add_argument("--limit", type=int, help="evaluate only this many images")
+    e.add_argument("--batch-size", type=_AT_LEAST_1, default=128)
+    e.add_argument("--limit", type=_AT_LEAST_1, help="evaluate only this many images")
     e.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     e.add_argument("--no-tracking", dest="tracking", action="store_false",
                    help="do not log to MLflow (default: log into the checkpoint's training run, MLFLOW_TRACKING_URI "
@@ -292,12 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     y.add_argument("--out", required=True, metavar="DIR")
     y.add_argument("--layout", choices=("official", "kaggle", "imagefolder"), default="official")
-    y.add_argument("--classes", type=int, default=10)
-    y.add_argument("--train-per-class", type=int, default=40,
+    y.add_argument("--classes", type=_AT_LEAST_1, default=10)
+    y.add_argument("--train-per-class", type=_AT_LEAST_1, default=40,
                    help="train images per class (default 40: the 3 bad files stay under the 1%% reject limit)")
-    y.add_argument("--val-per-class", type=int, default=10)
-    y.add_argument("--size", type=int, default=320, help="typical longer side of the images")
-    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--val-per-class", type=_AT_LEAST_1, default=10)
+    y.add_argument("--size", type=_AT_LEAST_1, default=320, help="typical longer side of the images")
+    y.add_argument("--seed", type=_COUNT, default=0)
     y.add_argument("--no-quirks", dest="quirks", action="store_false", help="only clean RGB JPEGs")
     y.set_defaults(handler=_synth)
 
@@ -307,30 +322,30 @@ def build_parser() -> argparse.ArgumentParser:
             "a small, learnable Caltech-101 (101_ObjectCategories.tar.gz and/or caltech-101.zip)",
             "Write a deterministic Caltech-101 with real, mixed-case category names, per-class counts spread over "
             "[--min-per-class, --max-per-class] and a BACKGROUND_Google folder that readers must exclude.",
-            [("--classes", dict(type=int, default=5)),
-             ("--min-per-class", dict(type=int, default=35, help=f"fewest {per_class} (default 35)")),
-             ("--max-per-class", dict(type=int, default=85, help=f"most {per_class} (default 85)")),
-             ("--background", dict(type=int, default=10, help="images in BACKGROUND_Google (default 10)")),
+            [("--classes", dict(type=_AT_LEAST_1, default=5)),
+             ("--min-per-class", dict(type=_AT_LEAST_1, default=35, help=f"fewest {per_class} (default 35)")),
+             ("--max-per-class", dict(type=_AT_LEAST_1, default=85, help=f"most {per_class} (default 85)")),
+             ("--background", dict(type=_COUNT, default=10, help="images in BACKGROUND_Google (default 10)")),
              ("--archive", dict(choices=("tar.gz", "zip", "both"), default="tar.gz",
                                 help="101_ObjectCategories.tar.gz, caltech-101.zip wrapping it, or both"))],
         ),
         "flowers102": (
             "a small, learnable Flowers-102 (102flowers.tgz, imagelabels.mat, setid.mat)",
             "Write a deterministic Flowers-102 with 1-based labels and trnid/valid/tstid splits in real .mat files.",
-            [("--classes", dict(type=int, default=5)),
-             ("--train-per-class", dict(type=int, default=10, help=f"train {per_class} (default 10)")),
-             ("--val-per-class", dict(type=int, default=10, help=f"val {per_class} (default 10)")),
-             ("--test-per-class", dict(type=int, default=15, help=f"test {per_class} (default 15)"))],
+            [("--classes", dict(type=_AT_LEAST_1, default=5)),
+             ("--train-per-class", dict(type=_AT_LEAST_1, default=10, help=f"train {per_class} (default 10)")),
+             ("--val-per-class", dict(type=_AT_LEAST_1, default=10, help=f"val {per_class} (default 10)")),
+             ("--test-per-class", dict(type=_AT_LEAST_1, default=15, help=f"test {per_class} (default 15)"))],
         ),
         "voc2007": (
             "a small, learnable VOC 2007 (the trainval and test tars)",
             "Write deterministic VOCtrainval_06-Nov-2007.tar and VOCtest_06-Nov-2007.tar: 1 to --max-objects "
             "objects of different classes per image, XML annotations with <difficult>, and ImageSets/Main lists for "
             "every class and split (with difficult-only 0 entries).",
-            [("--train", dict(type=int, default=40, help="train images (default 40)")),
-             ("--val", dict(type=int, default=40, help="val images (default 40)")),
-             ("--test", dict(type=int, default=60, help="test images (default 60)")),
-             ("--max-objects", dict(type=int, default=3, help="most objects per image (default 3)"))],
+            [("--train", dict(type=_AT_LEAST_1, default=40, help="train images (default 40)")),
+             ("--val", dict(type=_AT_LEAST_1, default=40, help="val images (default 40)")),
+             ("--test", dict(type=_AT_LEAST_1, default=60, help="test images (default 60)")),
+             ("--max-objects", dict(type=_AT_LEAST_1, default=3, help="most objects per image (default 3)"))],
         ),
     }
     for name, (summary, description, options) in transfer_synths.items():
@@ -338,9 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
         y.add_argument("--out", required=True, metavar="DIR")
         for flag, spec in options:
             y.add_argument(flag, **spec)
-        y.add_argument("--size", type=int, default=256, help="typical longer side of the images")
-        y.add_argument("--seed", type=int, default=0)
-        y.add_argument("--corrupt", type=int, default=0,
+        y.add_argument("--size", type=_AT_LEAST_1, default=256, help="typical longer side of the images")
+        y.add_argument("--seed", type=_COUNT, default=0)
+        y.add_argument("--corrupt", type=_COUNT, default=0,
                        help="replace this many images by truncated JPEGs (for reject tests; default 0)")
         y.set_defaults(handler=_synth)
     return parser

@@ -18,9 +18,23 @@ from typing import Any, Literal
 
 import yaml
 
+from pipelines import ranges
+
+
+class _Ranged:
+    """A config section whose numeric fields are checked against :data:`RANGES` when it is made."""
+
+    def __post_init__(self) -> None:
+        section = type(self).__name__.removesuffix("Config").lower()  # TrainConfig -> train
+        for key, spec in RANGES.items():
+            if key.startswith(f"{section}."):
+                value = getattr(self, key.split(".", 1)[1])
+                for v in value if isinstance(value, list) else [value]:
+                    ranges.check(key, v, spec)
+
 
 @dataclass
-class DataConfig:
+class DataConfig(_Ranged):
     """Where the prepared ImageNet is and how batches are made from it."""
 
     data: str = ""  #: prepared dataset URI (folder or s3://), with stats.json and mean_image.npy
@@ -36,7 +50,7 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Ranged):
     """The network (see ``alexnet.model.build_model``)."""
 
     variant: Literal["paper", "torchvision"] = "paper"
@@ -49,7 +63,7 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Ranged):
     """The paper's recipe (section 5) and how it runs on Ray Train."""
 
     epochs: int = 90
@@ -98,7 +112,7 @@ TRANSFER_METHODS = ("probe", "finetune")
 
 
 @dataclass
-class TransferConfig:
+class TransferConfig(_Ranged):
     """Transfer learning (``alexnet.transfer``): the datasets' standard protocols, a linear probe and fine-tuning.
 
     Probe (DeCAF, Donahue et al. 2014; Razavian et al. 2014): centre-crop features of ``probe_layers``, L2-normalised,
@@ -134,6 +148,55 @@ class TransferConfig:
     storage_path: str = "runs/transfer"  #: Ray Train storage for fine-tuning checkpoints (folder or s3://)
 
 
+#: The allowed values of every numeric field, in interval notation (``pipelines.ranges``); a list's range applies to
+#: each element. Adding a numeric field means adding its line here (``tests/test_config.py`` checks every one has).
+RANGES: dict[str, str] = {
+    "data.lighting_std": "[0, inf)",
+    "data.crop": "[1, inf)",
+    "data.shuffle_buffer": "[0, inf)",  # 0 or 1: no row-level shuffling
+    "data.decode_threads": "[0, inf)",  # 0: automatic
+    "data.limit_train": "[0, inf)",  # 0: all
+    "data.limit_val": "[0, inf)",
+    "model.num_classes": "[0, inf)",  # 0: from the manifest
+    "model.groups": "[1, inf)",
+    "model.dropout": "[0, 1)",
+    "train.epochs": "[1, inf)",
+    "train.batch_size": "[1, inf)",
+    "train.lr": "(0, inf)",
+    "train.momentum": "[0, 1)",
+    "train.weight_decay": "[0, inf)",
+    "train.patience": "[1, inf)",
+    "train.plateau_threshold": "[0, inf)",
+    "train.max_lr_drops": "[0, inf)",
+    "train.step_epochs": "[1, inf)",
+    "train.label_smoothing": "[0, 1)",
+    "train.seed": "[0, inf)",
+    "train.num_workers": "[1, inf)",
+    "train.cpus_per_worker": "(0, inf)",
+    "train.max_failures": "[0, inf)",
+    "train.checkpoints_to_keep": "[1, inf)",
+    "train.log_every": "[1, inf)",
+    "transfer.c_grid": "(0, inf)",
+    "transfer.feature_batch_size": "[1, inf)",
+    "transfer.feature_actors": "[0, inf)",  # 0: automatic
+    "transfer.caltech_train_per_class": "[1, inf)",
+    "transfer.caltech_test_per_class": "[1, inf)",
+    "transfer.caltech_splits": "[1, inf)",
+    "transfer.caltech_val_per_class": "[1, inf)",
+    "transfer.finetune_splits": "[1, inf)",
+    "transfer.epochs": "[1, inf)",
+    "transfer.batch_size": "[1, inf)",
+    "transfer.lr": "(0, inf)",
+    "transfer.backbone_lr_mult": "[0, inf)",
+    "transfer.momentum": "[0, 1)",
+    "transfer.weight_decay": "[0, inf)",
+    "transfer.step_epochs": "[1, inf)",
+    "transfer.num_workers": "[1, inf)",
+    "transfer.cpus_per_worker": "(0, inf)",
+    "transfer.seed": "[0, inf)",
+}
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -141,6 +204,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -227,7 +291,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, Any] = {}
     if path:
         text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"{path}: not valid YAML{where}: {problem}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: a config is a mapping of sections, not {type(raw).__name__}")
     for section, values in parse_overrides(overrides or []).items():

@@ -45,6 +45,8 @@ IMAGE_FORMATS = ("jpeg", "raw")
 DECODERS = ("turbo", "pillow")
 #: JPEG colour spaces libjpeg-turbo converts to RGB itself; CMYK/YCCK (Adobe) files go through Pillow.
 _TURBO_COLORSPACES = frozenset({"YCbCr", "Gray", "RGB"})
+#: Pillow's modes of 16-bit grayscale images ("I" in Pillow < 10 for PNGs).
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
 class DecodeError(ValueError):
@@ -94,30 +96,73 @@ def draft_scale(width: int, height: int, min_side: int | None) -> int:
     return next((s for s in (8, 4, 2) if scale >= s), 1)
 
 
-def _decode_turbo(data: bytes, min_side: int | None) -> tuple[Image.Image, tuple[int, int]] | None:
-    """libjpeg-turbo's decode of a plain 8-bit JPEG at Pillow's draft scale; ``None``: leave the file to Pillow.
+#: libjpeg's warning for entropy-coded data that ends at a marker before the last pixel (JWRN_HIT_MARKER): it fills
+#: the rest with grey and carries on, and Pillow returns that image. A file cut short but ending in a proper EOI
+#: marker is a reject, like one cut short without it (JWRN_JPEG_EOF, which Pillow rejects itself).
+_CUT_SHORT = "premature end of data segment"
 
-    Anything unusual (not a JPEG, CMYK, more pixels than Pillow allows, any libjpeg error or warning) returns
-    ``None``, so Pillow decides: it decodes what it can as before and words the reasons of what it cannot.
+
+def _cut_short(error: Exception) -> DecodeError | None:
+    """The reject for libjpeg's warning that the data ended early; ``None`` for any other error or warning."""
+    return DecodeError(f"truncated or corrupt: {error}") if _CUT_SHORT in str(error).lower() else None
+
+
+def _check_jpeg_complete(data: bytes, img: Image.Image) -> None:
+    """Raise ``DecodeError`` when libjpeg-turbo finds the entropy-coded data of this JPEG (decoded by Pillow as
+    ``img``) cut short.
+
+    Pillow's decoder keeps libjpeg's warnings to itself and returns the grey-filled image, so a JPEG that may have
+    been filled is read once more by libjpeg-turbo (at 1/8 scale, one channel: the entropy decoding is the cost).
+    The fill runs from the cut to the end of a sequential JPEG, so only images whose last row is flat from its
+    middle on (and progressive ones, whose later scans refine the whole image) are read again.
+    """
+    if simplejpeg is None:
+        return
+    if not img.info.get("progressive") and not img.info.get("progression"):
+        w, y = img.width, img.height - 1
+        first = img.getpixel((w // 2, y))
+        # 8 samples of the row's right half (a few microseconds; a crop of the row costs about 20 times more)
+        if any(img.getpixel((w // 2 + (w - 1 - w // 2) * i // 7, y)) != first for i in range(1, 8)):
+            return
+    try:
+        colorspace = simplejpeg.decode_jpeg_header(data)[2]
+        out = "CMYK" if colorspace in ("CMYK", "YCCK") else "GRAY"
+        simplejpeg.decode_jpeg(data, colorspace=out, min_height=1, min_width=1, strict=True)
+    except ValueError as e:
+        if (reject := _cut_short(e)) is not None:
+            raise reject from None
+
+
+def _decode_turbo(data: bytes, min_side: int | None) -> tuple[Image.Image, tuple[int, int]] | bool:
+    """libjpeg-turbo's decode of a plain 8-bit JPEG at Pillow's draft scale; ``False``/``True``: leave the file to
+    Pillow (``True``: libjpeg-turbo decoded its data and found no sign of it being cut short).
+
+    A JPEG whose data ends early is rejected (``DecodeError``). Anything else unusual (not a JPEG, CMYK, more pixels
+    than Pillow allows, any other libjpeg error or warning) is left to Pillow: it decodes what it can as before and
+    words the reasons of what it cannot.
 
     The image is an "RGBX" view of the decoded array (Pillow's own layout of RGB: no copy into Pillow, about 5%
     of a preprocessed image's time).
     """
     if simplejpeg is None or data[:3] != b"\xff\xd8\xff":
-        return None
+        return False
+    decoding = False
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         if colorspace not in _TURBO_COLORSPACES or width * height > (Image.MAX_IMAGE_PIXELS or float("inf")):
-            return None
+            return False
         s = draft_scale(width, height, min_side)
         out_h, out_w = -(-height // s), -(-width // s)  # libjpeg's size at scale 1/s
         # simplejpeg picks the smallest M/8 scale whose size is >= the minimum: exactly 1/s here
+        decoding = True
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGBX", min_height=out_h, min_width=out_w, strict=True)
-    except ValueError:  # simplejpeg's error for anything libjpeg-turbo rejects or warns about
-        return None
+    except ValueError as e:  # simplejpeg's error for anything libjpeg-turbo rejects or warns about
+        if decoding and (reject := _cut_short(e)) is not None:
+            raise reject from None
+        return decoding
     h, w = pixels.shape[:2]
     if h < 1 or w < 1:
-        return None
+        return True
     return Image.frombuffer("RGBX", (w, h), pixels, "raw", "RGBX", 0, 1), (width, height)
 
 
@@ -125,10 +170,12 @@ def _decode(data: bytes, min_side: int | None, decoder: str = "turbo") -> tuple[
     """(RGB or RGBX image, size of the source as stored in the file); draft mode may return a smaller image."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
+    checked = False
     if decoder == "turbo":
         decoded = _decode_turbo(data, min_side)
-        if decoded is not None:
+        if not isinstance(decoded, bool):
             return decoded
+        checked = decoded
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -145,6 +192,12 @@ def _decode(data: bytes, min_side: int | None, decoder: str = "turbo") -> tuple[
         raise DecodeError(f"truncated or corrupt: {e}") from None
     if img.width < 1 or img.height < 1:
         raise DecodeError(f"degenerate size {img.width}x{img.height}")
+    if img.format == "JPEG" and not checked:
+        _check_jpeg_complete(data, img)
+    if img.mode in _SIXTEEN_BIT:
+        # 16-bit grayscale (PNG): convert("RGB") would clip every value above 255 to white; scale 0..65535 instead
+        wide = np.asarray(img).astype(np.uint32).clip(0, 65535)
+        img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
     if img.mode != "RGB":
         # CMYK JPEGs, grayscale, palette and alpha PNGs all end as plain RGB (alpha dropped, as libjpeg would).
         img = img.convert("RGB")

@@ -190,6 +190,16 @@ def iter_tar(uri: str, *, start: int = 0, length: int | None = None, headers_onl
                     _check_member(archive, member)
                     if member.isfile():
                         yield member.name, start + member.offset_data, member.size
+                # tarfile ends its iteration quietly at a damaged or cut header after the first one: the archive
+                # must go on with its end-of-archive marker (a zero block) exactly there
+                reader.seek(tar.offset)
+                end = reader.read(512)
+                if len(end) < 512 or end.strip(b"\0"):
+                    raise IngestError(
+                        f"{archive}: truncated or damaged at byte {start + tar.offset} (a tar header or the end-of-"
+                        f"archive marker is missing or invalid there, {total - tar.offset} bytes before the end); "
+                        "re-download it and check its MD5"
+                    )
         except tarfile.ReadError as e:
             raise IngestError(f"{archive}: not a readable tar archive ({e}); re-download it and check its MD5") from None
 
@@ -255,15 +265,29 @@ def read_devkit(uri: str) -> Devkit:
     except tarfile.ReadError as e:
         raise IngestError(f"{uri}: not a readable .tar.gz ({e}); re-download it and check its MD5") from None
 
-    synsets = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
-    id_to_wnid, words = {}, {}
-    for s in synsets.ravel():
-        if int(s["num_children"]) == 0:
-            wnid = str(s["WNID"])
-            id_to_wnid[int(s["ILSVRC2012_ID"])] = wnid
-            words[wnid] = str(s["words"])
-    ground_truth = [int(line) for line in truth.decode().split()]
+    try:
+        synsets = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
+        id_to_wnid, words = {}, {}
+        for s in synsets.ravel():
+            if int(s["num_children"]) == 0:
+                wnid = str(s["WNID"])
+                id_to_wnid[int(s["ILSVRC2012_ID"])] = wnid
+                words[wnid] = str(s["words"])
+    except (ValueError, TypeError, KeyError, IndexError, OSError, scipy.io.matlab.MatReadError) as e:
+        raise IngestError(f"{uri}: data/meta.mat is not the devkit's synset table ({type(e).__name__}: {e}); "
+                          "re-download it and check its MD5") from None
+    try:
+        ground_truth = [int(line) for line in truth.decode().split()]
+    except (ValueError, UnicodeDecodeError) as e:
+        raise IngestError(f"{uri}: data/ILSVRC2012_validation_ground_truth.txt is not one ILSVRC2012_ID per line "
+                          f"({e}); re-download it and check its MD5") from None
     return Devkit(sorted(id_to_wnid.values()), words, id_to_wnid, ground_truth)
+
+
+def _check_count(archive: str, found: int, expected: int, what: str) -> None:
+    if found != expected:
+        raise IngestError(f"{archive}: {found} {what}, the official archive has {expected}: it is truncated or not "
+                          "the official file; re-download it and check its MD5")
 
 
 def _index_inner_tar(train_tar: str, name: str, offset: int, size: int, labels: dict[str, int]) -> pa.Table:
@@ -301,6 +325,8 @@ def index_official(source: str, *, parallel: bool = True) -> SourceIndex:
     if storage.exists(train_tar):
         files[train_tar] = file_size(train_tar)
         inner = list(iter_tar(train_tar, headers_only=True))
+        if len(devkit.wnids) == formats.IMAGENET_NUM_CLASSES:  # the real devkit: the real archive's counts
+            _check_count(train_tar, len(inner), formats.IMAGENET_NUM_CLASSES, "class archives")
         log.info("indexing %d class archives in %s", len(inner), train_tar)
         if parallel and len(inner) > 1:
             import ray
@@ -323,6 +349,8 @@ def index_official(source: str, *, parallel: bool = True) -> SourceIndex:
             if wnid is None:
                 raise IngestError(f"{devkit_uri}: ground truth of {key} is not a leaf ILSVRC2012_ID")
             rows.append(("val", key, wnid, labels[wnid], val_tar, off, size))
+        if len(devkit.val_ground_truth) == formats.IMAGENET_NUM_VAL:
+            _check_count(val_tar, len(rows), formats.IMAGENET_NUM_VAL, "validation images")
         tables.append(rows_table(rows))
     return SourceIndex("official", source, devkit.wnids, devkit.words, concat_index(tables), files)
 

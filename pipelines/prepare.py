@@ -16,9 +16,10 @@ columns (``labels``, ``difficult``).
 How it stays correct when interrupted: the split is cut into shards *before* any work, deterministically (train
 rows are shuffled with a fixed seed so every shard mixes all classes; other splits are sorted by key). Each shard is
 one Ray Data task that decodes, resizes and encodes its images, writes the Parquet file under a temporary name,
-moves it into place, and only then records ``_state/<split>-<shard>.json`` with its row count, checksum and
-rejected inputs. A rerun does only the shards without a record, so it never duplicates or loses rows, and its
-output is byte-identical to an uninterrupted run. The manifest is assembled from the records at the end.
+moves it into place (synced to disk), and only then records ``_state/<split>-<shard>.json`` with its row count,
+checksum and rejected inputs. A rerun checks the recorded shards (size and sha256) and does the shards without a
+good record, so it never duplicates or loses rows, and its output is byte-identical to an uninterrupted run. The
+manifest is assembled from the records at the end. One run at a time writes an output (``pipelines.outdir``).
 
 Memory is bounded by the shards in flight (two per CPU, :data:`TASKS_PER_CPU`), not by the dataset size.
 """
@@ -40,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import imaging, ingest, storage
+from pipelines import imaging, ingest, outdir, ranges, storage
 from pipelines.imaging import DecodeError, ImageRecipe
 
 log = logging.getLogger(__name__)
@@ -173,10 +174,13 @@ def process_shard(task: dict[str, Any]) -> dict[str, Any]:
     with open(tmp, "rb") as f:
         for block in iter(lambda: f.read(8 << 20), b""):
             digest.update(block)
+        os.fsync(f.fileno())  # on disk before its record says it is there (a crash must not leave a hole)
     nbytes = os.path.getsize(tmp)
     storage.upload_file(tmp, target)
     if storage.is_s3(out):
         os.rmdir(tmp_dir)  # the local staging folder of an S3 upload (the file itself was moved)
+    else:
+        _fsync_dir(os.path.dirname(storage.local_path(target)))  # the rename, too
     record = {
         "split": task["split"],
         "shard": task["shard"],
@@ -190,6 +194,14 @@ def process_shard(task: dict[str, Any]) -> dict[str, Any]:
     # The record is the shard's commit point: without it a rerun redoes the shard.
     storage.write_json(storage.join(out, _state_name(task["split"], task["shard"])), record)
     return {"record": json.dumps(record)}
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # --- the driver -----------------------------------------------------------------------------------------------
@@ -246,22 +258,39 @@ def prepare_dataset(
     Returns the manifest. An existing complete output made with the same inputs and parameters is returned as is
     (``overwrite=True`` rebuilds it); an interrupted one is resumed. ``layout`` applies to ImageNet only.
     """
+    if shard_rows is not None:
+        ranges.check("shard_rows", shard_rows, "[1, inf)")
+    ranges.check("max_bad_fraction", max_bad_fraction, "[0, 1]")
+    if overwrite:  # before anything is written: OUT must be empty or the pipeline's own
+        outdir.check_ours(out, format_version=FORMAT_VERSION)
+    with outdir.lock(out) as lease:
+        manifest = _prepare_locked(dataset, source, out, recipe=recipe, layout=layout, shard_rows=shard_rows,
+                                   max_bad_fraction=max_bad_fraction, overwrite=overwrite, seed=seed,
+                                   ray_address=ray_address, lease=lease)
+    return manifest
+
+
+def _prepare_locked(dataset: str, source: str, out: str, *, recipe: ImageRecipe, layout: str | None,
+                    shard_rows: int | None, max_bad_fraction: float, overwrite: bool, seed: int,
+                    ray_address: str | None, lease: Any) -> dict[str, Any]:
     from pipelines.rayutil import ensure_ray
 
     started = time.time()
     manifest_uri = storage.join(out, MANIFEST)
-    if overwrite:
-        storage.delete_tree(out)
     ensure_ray(ray_address)
+    # the source is indexed (and so checked) before --overwrite deletes anything
     index = index_dataset(dataset, source, layout=layout, cache=storage.join(out, CACHE_DIR))
+    if overwrite:
+        log.info("--overwrite: deleted %d files of the previous output in %s", outdir.delete_own_files(out), out)
     shape = Layout.default(recipe.image_format, shard_rows=shard_rows)
     plan = plan_shards(index, shape, seed=seed)
+    # max_bad_fraction is not part of the plan: it gates the manifest, not the shards, so a rerun with a raised
+    # threshold reuses every shard
     params = {
         "recipe": dataclasses.asdict(recipe),
         "shard_rows": shape.shard_rows,
         "row_group_rows": shape.row_group_rows,
         "seed": seed,
-        "max_bad_fraction": max_bad_fraction,
     }
     plan_hash = hashlib.sha256(
         json.dumps({"params": params, "index": _fingerprint(index)}, sort_keys=True).encode()
@@ -288,7 +317,7 @@ def prepare_dataset(
         storage.write_json(plan_uri, {"plan_hash": plan_hash, "source": source, "params": params})
 
     tasks = []
-    done = _records(out, index.splits)
+    done = outdir.verified(out, _records(out, index.splits))
     num_shards = {s: math.ceil(t.num_rows / shape.shard_rows) for s, t in plan.items()}
     recipe_json = json.dumps(dataclasses.asdict(recipe))
     schema = shard_schema(index.extra_fields)
@@ -322,7 +351,8 @@ def prepare_dataset(
     missing = [(s, i) for s in plan for i in range(num_shards[s]) if (s, i) not in records]
     if missing:  # pragma: no cover - a task failure raises above
         raise PrepareError(f"{len(missing)} shards did not finish (first: {missing[0]}); rerun to resume")
-    manifest = _manifest(index, plan, records, num_shards, params, plan_hash, recipe, schema)
+    manifest = _manifest(index, plan, records, num_shards, {**params, "max_bad_fraction": max_bad_fraction}, plan_hash,
+                         recipe, schema)
     rejects = manifest["rejects"]
     inputs = sum(len(t) for t in plan.values())
     if inputs and len(rejects) / inputs > max_bad_fraction:
@@ -335,6 +365,8 @@ def prepare_dataset(
             "Check the source archives (re-download, verify MD5s) or raise --max-bad-fraction."
         )
     manifest["elapsed_s"] = round(time.time() - started, 3)
+    if lease is not None:
+        lease.check()
     storage.write_json(manifest_uri, manifest)
     log.info(
         "wrote %s: %s rows, %d rejected",

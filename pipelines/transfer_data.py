@@ -95,8 +95,12 @@ def decompressed_tar(archive: str, cache: str | None = None, *, member: str | No
                 with fs.open_input_file(path) as raw:
                     _gunzip(raw, out, archive)
             else:
-                with _open_zip(archive) as zf, zf.open(member) as inner:
-                    _gunzip(inner, out, f"{archive} ({member})")
+                try:
+                    with _open_zip(archive) as zf, zf.open(member) as inner:
+                        _gunzip(inner, out, f"{archive} ({member})")
+                except zipfile.BadZipFile as e:  # the member's local header
+                    raise IngestError(f"{archive}: not a readable zip archive ({e}); re-download it and check its "
+                                      "MD5") from None
         nbytes = os.path.getsize(tmp)
         storage.upload_file(tmp, target)
     finally:
@@ -111,7 +115,7 @@ def _gunzip(src, out, what: str) -> None:  # type: ignore[no-untyped-def]
         with gzip.GzipFile(fileobj=src, mode="rb") as gz:
             while block := gz.read(8 << 20):
                 out.write(block)
-    except (OSError, EOFError, zlib.error) as e:
+    except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:  # BadZipFile: a zip member's CRC or header
         raise IngestError(f"{what}: not a readable gzip file ({e}); re-download it and check its MD5") from None
 
 

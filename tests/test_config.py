@@ -53,3 +53,48 @@ def test_flat_params_round_trip():
     cfg = load_config(CONFIGS / "paper.yaml")
     assert cfg.flat()["train.lr"] == 0.01
     assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def _numeric(hint) -> bool:
+    import typing
+
+    return hint in (int, float) or (typing.get_origin(hint) is list and typing.get_args(hint)[0] in (int, float))
+
+
+def test_every_numeric_field_has_a_range():
+    import dataclasses
+    import typing
+
+    from alexnet.config import RANGES
+
+    numeric = {f"{s.name}.{name}" for s in dataclasses.fields(Config)
+               for name, hint in typing.get_type_hints(s.default_factory).items() if _numeric(hint)}
+    assert numeric == set(RANGES), "add the range of each new numeric field to alexnet.config.RANGES"
+
+
+@pytest.mark.parametrize("override,allowed", [
+    ("train.epochs=0", r"\[1, inf\)"), ("train.batch_size=-4", r"\[1, inf\)"), ("train.lr=nan", r"\(0, inf\)"),
+    ("train.lr=inf", r"\(0, inf\)"), ("train.lr=0", r"\(0, inf\)"), ("model.dropout=1", r"\[0, 1\)"),
+    ("train.max_failures=-1", r"\[0, inf\)"), ("train.weight_decay=-0.1", r"\[0, inf\)"),
+    ("train.momentum=1.5", r"\[0, 1\)"), ("train.num_workers=0", r"\[1, inf\)"),
+    ("train.step_epochs=30,-1", r"\[1, inf\)"), ("transfer.c_grid=[1.0, 0]", r"\(0, inf\)"),
+])
+def test_out_of_range_values_are_errors_naming_the_key_and_range(override, allowed):
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=rf"^config: {key} must be in {allowed}, not "):
+        load_config(None, [override])
+
+
+def test_sections_made_in_code_are_checked_too():
+    from alexnet.config import TransferConfig
+
+    with pytest.raises(ValueError, match=r"transfer.epochs must be in \[1, inf\), not 0"):
+        TransferConfig(epochs=0)
+
+
+def test_a_bad_yaml_file_is_one_line_naming_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [0.01\n  epochs: 3\n")
+    with pytest.raises(ValueError, match=rf"^{bad}: not valid YAML at line \d+, column \d+: ") as e:
+        load_config(bad)
+    assert "\n" not in str(e.value)

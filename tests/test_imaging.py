@@ -137,7 +137,7 @@ def test_turbo_decoder_gives_pillows_pixels(w, h, kw):
         pillow, size_p = imaging.preprocess(data, ImageRecipe(draft=draft, image_format="raw", decoder="pillow"))
         assert size_t == size_p == (w, h)
         assert turbo == pillow  # byte for byte
-    assert imaging._decode_turbo(data, 256) is not None  # ... and libjpeg-turbo really decoded it
+    assert not isinstance(imaging._decode_turbo(data, 256), bool)  # ... and libjpeg-turbo really decoded it
     for min_side in (None, 256):
         a, b = imaging.decode(data, min_side=min_side), imaging.decode(data, min_side=min_side, decoder="pillow")
         assert a.mode == b.mode == "RGB" and a.size == b.size
@@ -146,7 +146,7 @@ def test_turbo_decoder_gives_pillows_pixels(w, h, kw):
 
 def test_turbo_decoder_gives_pillows_pixels_for_grayscale_and_stored_jpegs():
     gray = _encode(_photo_like(300, 280).convert("L"))
-    assert imaging._decode_turbo(gray, 256) is not None
+    assert not isinstance(imaging._decode_turbo(gray, 256), bool)
     assert imaging.decode(gray).tobytes() == imaging.decode(gray, decoder="pillow").tobytes()
     raw, _ = imaging.preprocess(gray, ImageRecipe(image_format="raw"))
     assert raw == imaging.preprocess(gray, ImageRecipe(image_format="raw", decoder="pillow"))[0]
@@ -162,7 +162,7 @@ def test_turbo_decoder_leaves_unusual_files_to_pillow():
     png = _encode(rgb, "PNG")
     truncated = _encode(rgb)[:2000]
     for data in (cmyk, png, truncated, b"\xff\xd8\xff garbage"):
-        assert imaging._decode_turbo(data, 256) is None
+        assert imaging._decode_turbo(data, 256) in (False, True)  # not an image: Pillow decides
     assert imaging.decode(cmyk).tobytes() == imaging.decode(cmyk, decoder="pillow").tobytes()
     assert imaging.decode(png).tobytes() == rgb.tobytes()
     for decoder in ("turbo", "pillow"):  # the same reasons for what cannot be decoded
@@ -196,3 +196,31 @@ def test_draft_scale_follows_pillows_rule():
     assert imaging.draft_scale(3000, 2250, 256) == 8
     assert imaging.draft_scale(20, 15, 256) == 1
     assert imaging.draft_scale(3000, 2250, None) == 1
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white():
+    wide = np.linspace(0, 65535, 256 * 256).reshape(256, 256).astype(np.uint16)
+    data = _encode(Image.fromarray(wide), "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    expected = np.round(wide / 257).astype(int)
+    for decoder in ("turbo", "pillow"):
+        got = np.asarray(imaging.decode(data, decoder=decoder)).astype(int)
+        assert got.shape == (256, 256, 3) and (got == expected[:, :, None]).all()
+
+
+def _cut_with_eoi(data: bytes) -> bytes:
+    """``data`` with the second half of its entropy-coded scan removed and a proper EOI marker appended."""
+    scan = data.index(b"\xff\xda")
+    return data[: scan + (len(data) - scan) // 2] + b"\xff\xd9"
+
+
+def test_a_jpeg_cut_short_but_ending_in_eoi_is_rejected_by_both_decoders():
+    good = _encode(_gradient(400, 300), quality=90)
+    for data in (_cut_with_eoi(good), _cut_with_eoi(_encode(_gradient(400, 300).convert("CMYK"), "JPEG"))):
+        # libjpeg fills the missing half with grey and Pillow returns that image
+        assert np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[-1].std() == 0
+        for decoder in ("turbo", "pillow"):
+            with pytest.raises(DecodeError, match="truncated or corrupt: .*premature end of data segment"):
+                imaging.preprocess(data, ImageRecipe(decoder=decoder))
+    for decoder in ("turbo", "pillow"):  # the complete file still decodes
+        imaging.preprocess(good, ImageRecipe(decoder=decoder))

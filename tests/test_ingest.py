@@ -167,3 +167,56 @@ def test_a_corrupt_tar_is_reported_with_its_name(tmp_path, synth_root):
     (src / formats.IMAGENET_VAL_TAR).write_bytes(b"garbage!" * 200)
     with pytest.raises(ingest.IngestError, match=formats.IMAGENET_VAL_TAR):
         ingest.index_imagenet(str(src))
+
+
+def _val_tar_members(path) -> list[tarfile.TarInfo]:
+    with tarfile.open(path) as tar:
+        return tar.getmembers()
+
+
+@pytest.mark.parametrize("where", ["inside a header", "after the last image", "inside the last image"])
+def test_a_tar_cut_short_is_an_error_naming_it_not_fewer_images(tmp_path, synth_root, where):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(synth_root / "official" / formats.IMAGENET_DEVKIT, src)
+    data = (synth_root / "official" / formats.IMAGENET_VAL_TAR).read_bytes()
+    members = _val_tar_members(synth_root / "official" / formats.IMAGENET_VAL_TAR)
+    last = members[-1]
+    cut = {"inside a header": members[len(members) // 2].offset + 100,
+           "after the last image": last.offset_data + -(-last.size // 512) * 512,  # no end-of-archive marker
+           "inside the last image": last.offset_data + last.size // 2}[where]
+    (src / formats.IMAGENET_VAL_TAR).write_bytes(data[:cut])
+    # tarfile notices data cut short itself; a cut header or a missing end marker it takes for the end
+    reason = "not a readable tar archive" if where == "inside the last image" else "truncated or damaged at byte"
+    with pytest.raises(ingest.IngestError, match=rf"{formats.IMAGENET_VAL_TAR}: {reason}"):
+        ingest.index_imagenet(str(src), parallel=False)
+
+
+def test_an_archive_with_fewer_images_than_the_devkit_counts_is_an_error(tmp_path, synth_root, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(synth_root / "official" / formats.IMAGENET_DEVKIT, src)
+    official = synth_root / "official" / formats.IMAGENET_VAL_TAR
+    members = _val_tar_members(official)
+    with tarfile.open(official) as full, tarfile.open(src / formats.IMAGENET_VAL_TAR, "w") as short:
+        for m in members[:-1]:  # a well-formed tar that lacks one image
+            short.addfile(m, full.extractfile(m))
+    # the real devkit lists 50,000 validation images; this small one lists len(members)
+    monkeypatch.setattr(formats, "IMAGENET_NUM_VAL", len(members))
+    with pytest.raises(ingest.IngestError, match=rf"{formats.IMAGENET_VAL_TAR}: {len(members) - 1} validation images, "
+                                                 rf"the official archive has {len(members)}"):
+        ingest.index_imagenet(str(src), parallel=False)
+
+
+def test_a_malformed_meta_mat_is_an_error_naming_the_devkit(tmp_path, synth_root):
+    with tarfile.open(synth_root / "official" / formats.IMAGENET_DEVKIT) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    for broken in (b"MATLAB 5.0 MAT-file, not really" + b"\0" * 200, b""):
+        devkit = tmp_path / formats.IMAGENET_DEVKIT
+        with tarfile.open(devkit, "w:gz") as tar:
+            for name, data in {**files, formats.DEVKIT_META: broken}.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        with pytest.raises(ingest.IngestError, match=rf"{formats.IMAGENET_DEVKIT}: data/meta.mat is not the devkit's"):
+            ingest.read_devkit(str(devkit))

@@ -88,6 +88,12 @@ def test_too_many_rejects_fail_clearly_and_leave_no_manifest(synth_root, tmp_pat
         prepare.prepare_imagenet(str(synth_root / "official"), str(out), shard_rows=32)
     assert not (out / "manifest.json").exists()
     assert {r["key"] for r in json.loads((out / "_state" / "rejects.json").read_text())} == set(_info(synth_root).bad)
+    # raising the threshold, as the message says, completes the same output: the threshold is not in the plan
+    shards = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    manifest = prepare.prepare_imagenet(str(synth_root / "official"), str(out), shard_rows=32,
+                                        max_bad_fraction=SYNTH_BAD_FRACTION)
+    assert manifest["preprocessing"]["max_bad_fraction"] == SYNTH_BAD_FRACTION and (out / "manifest.json").exists()
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == shards  # reused, not rewritten
 
 
 def test_every_layout_gives_identical_shards(prepared, synth_root, tmp_path, ray_local):
@@ -111,6 +117,29 @@ def test_complete_output_is_skipped_and_other_inputs_refused(prepared, synth_roo
     assert again == json.loads(manifest_path.read_text())
     with pytest.raises(prepare.PrepareError, match="--overwrite"):
         prepare.prepare_imagenet(str(synth_root / "official"), str(prepared), shard_rows=8, max_bad_fraction=SYNTH_BAD_FRACTION)
+
+
+def test_resume_redoes_damaged_shards_and_overwrite_checks_the_source_first(prepared, synth_root, tmp_path, ray_local):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(prepared, out)
+    (out / "manifest.json").unlink()  # an interrupted run: shards and their records, no manifest
+    reference = prepare.load_manifest(str(prepared))
+    shards = [s["path"] for v in reference["splits"].values() for s in v["shards"]]
+    (out / shards[0]).unlink()
+    with open(out / shards[-1], "r+b") as f:
+        f.truncate(100)
+    before = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # a wrong --source with --overwrite: the error comes before anything is deleted
+    with pytest.raises(ValueError, match="does not exist"):
+        prepare.prepare_imagenet(str(tmp_path / "wrong"), str(out), shard_rows=16, overwrite=True,
+                                 max_bad_fraction=SYNTH_BAD_FRACTION)
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    resumed = prepare.prepare_imagenet(str(synth_root / "official"), str(out), shard_rows=16,
+                                       max_bad_fraction=SYNTH_BAD_FRACTION)
+    assert resumed["splits"] == reference["splits"]  # the two damaged shards were written again, byte for byte
+    assert (out / shards[-1]).read_bytes() == (prepared / shards[-1]).read_bytes()
 
 
 def test_killed_and_rerun_gives_the_same_dataset(synth_root, tmp_path, ray_local):

@@ -210,6 +210,20 @@ def test_unsafe_members_are_refused_naming_the_archive(tmp_path):
         transfer_data.index_caltech101(str(tmp_path / "zip"), cache=str(tmp_path / "cache2"))
 
 
+def test_a_corrupt_zip_is_an_error_naming_it(sources, tmp_path):
+    good = (sources["caltech101-zip"] / formats.CALTECH101_ZIP).read_bytes()
+    inner = zipfile.ZipFile(sources["caltech101-zip"] / formats.CALTECH101_ZIP).getinfo(formats.CALTECH101_ZIP_TGZ)
+    start = inner.header_offset + 30 + len(inner.filename) + len(inner.extra)
+    for name, offset in (("data", start + inner.compress_size // 2), ("local header", inner.header_offset)):
+        broken = bytearray(good)
+        broken[offset : offset + 4] = bytes(b ^ 0xFF for b in broken[offset : offset + 4])
+        src = tmp_path / name
+        src.mkdir()
+        (src / formats.CALTECH101_ZIP).write_bytes(bytes(broken))
+        with pytest.raises(ingest.IngestError, match=rf"{formats.CALTECH101_ZIP}.*re-download it"):
+            transfer_data.index_caltech101(str(src), cache=str(tmp_path / name / "cache"))
+
+
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(ingest.IngestError, match="caltech-101.zip"):
         transfer_data.index_caltech101(str(tmp_path))
