@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -79,7 +80,8 @@ def test_cluster_config_validates_against_ray_schema():
     commands = " ".join(prepared["setup_commands"] + prepared["head_setup_commands"])
     assert "ray-wheels" not in commands and "pip install" not in commands
     # Token auth: every node gets the token and starts Ray in token mode.
-    assert any(remote.endswith("/.ray/auth_token") for remote in prepared["file_mounts"])
+    # (the token's directory, ~/.ray/, so that a rotated token reaches running containers)
+    assert any(remote.rstrip("/") == "/home/ray/.ray" for remote in prepared["file_mounts"])
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert "RAY_AUTH_MODE=token" in " ".join(prepared[key])
     text = CLUSTER.read_text()
@@ -960,11 +962,18 @@ def test_mlflow_server_script_refuses_a_public_bind_without_auth(tmp_path):
 
 def test_mlflow_basic_auth_config_is_mlflows(monkeypatch):
     """The image's basic_auth.ini read by MLflow's own reader; the app it names exists in this MLflow."""
+    import importlib.util
     from importlib.metadata import entry_points
 
-    from mlflow.server.auth.config import read_auth_config
+    import mlflow
 
     assert "basic-auth" in {e.name for e in entry_points(group="mlflow.app")}
+    # MLflow's reader alone: importing mlflow.server.auth would load the whole tracking server (20 s).
+    spec = importlib.util.spec_from_file_location(
+        "mlflow_auth_config", Path(mlflow.__file__).parent / "server" / "auth" / "config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    read_auth_config = module.read_auth_config
     monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(INFRA / "mlflow" / "basic_auth.ini"))
     monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD", raising=False)
     config = read_auth_config()
@@ -974,3 +983,115 @@ def test_mlflow_basic_auth_config_is_mlflows(monkeypatch):
     assert "mlflow-auth:/var/lib/mlflow-auth" in compose["volumes"]
     for key in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
         assert ":?" in compose["environment"][key], f"{key} must be required"
+
+
+# --- prefect.yaml against Prefect's own model and the flow's parameter schema -------------------------------------
+
+PREFECT_YAML = ROOT / "prefect.yaml"
+
+
+def _prefect_problems(text: str) -> list[str]:
+    """What `prefect deploy` would reject: the file against Prefect's model of prefect.yaml, and each deployment's
+    parameters against its flow's parameter schema (the check the Prefect server runs on a flow run's parameters)."""
+    import pydantic
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import validate
+
+    raw = yaml.safe_load(text)
+    try:
+        model = PrefectYamlModel.model_validate(raw)
+    except pydantic.ValidationError as e:
+        return [f"prefect.yaml: {e}"]
+    problems = []
+    flows: dict[str, Any] = {}
+    for deployment in model.deployments:
+        if deployment.entrypoint not in flows:
+            flows[deployment.entrypoint] = load_flow_from_entrypoint(str(ROOT / deployment.entrypoint))
+        flow = flows[deployment.entrypoint]
+        schema = parameter_schema(flow).model_dump_for_openapi()
+        params = deployment.parameters or {}
+        unknown = set(params) - set(schema["properties"])
+        if unknown:
+            problems.append(f"{deployment.name}: parameters {sorted(unknown)} are not parameters of {flow.name}")
+        errors = validate(params, schema, raise_on_error=False, ignore_required=True)
+        problems += [f"{deployment.name}: {e.message}" for e in errors]
+        if (deployment.work_pool and deployment.work_pool.name) != "alexnet-pool":
+            problems.append(f"{deployment.name}: not on the alexnet-pool work pool")
+    return problems
+
+
+def test_prefect_yaml_is_valid_for_prefect():
+    assert _prefect_problems(PREFECT_YAML.read_text()) == []
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("    tags: [alexnet, smoke]", "    tags: 5"),  # Prefect's model: a list of strings
+        ("      synthetic: true", "      synthetic: maybe"),  # the flow's schema: a boolean
+        ("      shard_rows: 128", "      shard_rows: many"),
+        ("      crops: [1, 10]", "      crops: one"),
+        ("      overrides: []\n      raw_uri: /data", "      overides: []\n      raw_uri: /data"),  # no such parameter
+        ("      name: alexnet-pool\n", "      name: some-pool\n"),
+    ],
+)
+def test_prefect_yaml_check_catches_a_broken_copy(old, new):
+    text = PREFECT_YAML.read_text()
+    assert old in text, "prefect.yaml changed: update this mutation"
+    assert _prefect_problems(text.replace(old, new, 1))
+
+
+def test_prefect_pull_step_resolves_to_the_worker_directory(monkeypatch):
+    """`{{ $PWD }}` is resolved by `prefect deploy` (Prefect's own templating): deployed from /opt/alexnet it is the
+    systemd worker's WorkingDirectory; the unit's header says to deploy there and to give its user runs/."""
+    from prefect.utilities.templating import apply_values
+
+    pull = yaml.safe_load(PREFECT_YAML.read_text())["pull"]
+    monkeypatch.setenv("PWD", "/opt/alexnet")
+    resolved = apply_values(pull, {}, remove_notset=False)
+    directory = resolved[0]["prefect.deployments.steps.set_working_directory"]["directory"]
+    worker = (INFRA / "prefect" / "systemd" / "prefect-worker.service").read_text()
+    service = _unit_entries(worker)["Service"]
+    assert service["WorkingDirectory"] == [directory]
+    user = service["User"][0]
+    assert f"install -d -o {user} -g {user} {directory}/runs" in worker
+    assert f"cd {directory} && " in worker and "prefect deploy --all" in worker
+    readme = (INFRA / "prefect" / "README.md").read_text()
+    assert f"install -d -o {user} -g {user} {directory}/runs" in readme
+
+
+# --- compose files against the Compose specification ----------------------------------------------------------------
+
+#: The Compose specification's JSON schema as docker-compose 1.29.2 (PyPI) ships it (compose/config/compose_spec.json).
+COMPOSE_SCHEMA = ROOT / "tests" / "data" / "compose_spec-docker-compose-1.29.2.json"
+COMPOSE_FILES = sorted(INFRA.rglob("docker-compose*.yaml"))
+
+
+def _compose_schema_problems(text: str) -> list[str]:
+    import jsonschema
+
+    compose = yaml.safe_load(text)
+    # The top-level `name` came to the specification after that schema (compose-spec 2022); it is a string.
+    if not isinstance(compose.pop("name", ""), str):
+        return ["name: not a string"]
+    validator = jsonschema.Draft201909Validator(json.loads(COMPOSE_SCHEMA.read_text()))
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose)]
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.relative_to(INFRA).as_posix())
+def test_compose_file_follows_the_compose_spec(path):
+    assert _compose_schema_problems(path.read_text()) == []
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [("    restart: unless-stopped\n    depends_on:", "    restart: unless-stopped\n    depend_on:\n      - postgres\n    depends_on:"),
+     ("      interval: 5s", "      interval: [5s]"),
+     ("volumes:\n  pgdata:", "volume:\n  pgdata:")],
+)
+def test_compose_check_catches_a_broken_copy(old, new):
+    text = (INFRA / "mlflow" / "docker-compose.yaml").read_text()
+    assert old in text
+    assert _compose_schema_problems(text.replace(old, new, 1))
