@@ -1095,3 +1095,18 @@ def test_compose_check_catches_a_broken_copy(old, new):
     text = (INFRA / "mlflow" / "docker-compose.yaml").read_text()
     assert old in text
     assert _compose_schema_problems(text.replace(old, new, 1))
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
+@pytest.mark.parametrize("old, new", [("ExecStart=/opt/alexnet/.venv/bin/prefect", "ExecStart=prefect-nowhere"),
+                                      ("Restart=", "Restrat="), ("[Install]", "[Instal]")])
+def test_systemd_verify_catches_a_broken_unit(old, new, tmp_path):
+    """The check of test_systemd_unit_parses (systemd's own parser) on mutated copies of the server unit."""
+    if not (ROOT / ".venv" / "bin" / "prefect").exists():
+        pytest.skip("no .venv/bin/prefect for systemd-analyze verify")
+    text = (INFRA / "prefect" / "systemd" / "prefect-server.service").read_text()
+    assert old in text
+    unit = tmp_path / "prefect-server.service"
+    unit.write_text(text.replace(old, new, 1).replace("/opt/alexnet", str(ROOT)))
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert result.returncode != 0 or result.stderr.strip()
