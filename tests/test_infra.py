@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 import yaml
 
 from tests.conftest import free_ports
+from tests.dockerignore import PatternMatcher, context_files, read_dockerignore
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -421,7 +423,7 @@ def _commands(block: str) -> list[str]:
 
 
 TIER2_TRAIN_OVERRIDES = ("train.num_workers=1", "train.use_gpu=false", "train.cpus_per_worker=1", "train.epochs=1",
-                         "train.batch_size=4", "train.run_name=tier2")
+                         "train.batch_size=4", "train.run_name=tier2", "tracking.log_model=false")
 
 
 @pytest.mark.slow
@@ -524,8 +526,6 @@ def test_readme_tier2_commands_run_against_a_token_head(tmp_path):
 
 # --- secrets stay out of the image and out of git -----------------------------------------------------------------
 
-from tests.dockerignore import PatternMatcher, context_files, read_dockerignore  # noqa: E402
-
 # Files a user may leave in the checkout that hold secrets (infra/mlflow/README.md's .env above all).
 PLANTED_SECRETS = [
     ".env", "infra/mlflow/.env", "configs/prod.env", "alexnet/.env", "flows/.env.local", "auth_token",
@@ -614,6 +614,9 @@ def test_build_context_holds_no_secret(dockerfile, tmp_path):
     ignore = dockerfile.with_name(dockerfile.name + ".dockerignore").read_text()
     assert _context_problems(dockerfile, ignore, checkout) == []
     assert "COPY . ." not in dockerfile.read_text(), "copy only what the image needs"
+    if dockerfile == DOCKERFILE:  # code named after a secret is still code
+        (checkout / "pipelines" / "credentials.py").touch()
+        assert "pipelines/credentials.py" in context_files(checkout, ignore)
 
 
 @pytest.mark.parametrize("mutation", ["drop-env", "allow-infra", "no-allowlist"])
@@ -640,6 +643,7 @@ def _git_ignored(repo: Path, paths: list[str]) -> set[str]:
 def test_gitignore_keeps_secrets_out_of_git(tmp_path):
     """git's own matcher (check-ignore) on this .gitignore, and on a copy without the secret patterns."""
     assert _git_ignored(ROOT, PLANTED_SECRETS) == set(PLANTED_SECRETS)
+    assert _git_ignored(ROOT, ["pipelines/credentials.py", "tests/test_auth_token.py"]) == set()
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     assert not [p for p in tracked if _secret_bearing(p)], "a secret-bearing file is tracked"
     repo = tmp_path / "repo"
@@ -805,7 +809,7 @@ def _unit_problems(name: str, text: str) -> list[str]:
         if host not in LOOPBACK:
             # The unit's own guard, run as systemd would (`$$` is systemd's escape for `$`): it must refuse to
             # start without the auth string and start with it.
-            guards = [_shell_split(pre.lstrip("-")) for pre in service.get("ExecStartPre", []) if not pre.startswith("-")]
+            guards = [shlex.split(pre.lstrip("-")) for pre in service.get("ExecStartPre", []) if not pre.startswith("-")]
             base = {"PATH": "/usr/bin:/bin", **env}
 
             def starts(extra: dict[str, str]) -> bool:
@@ -822,12 +826,6 @@ def _unit_problems(name: str, text: str) -> list[str]:
         if key in env and env[key] not in LOOPBACK:
             problems.append(f"{name}: {key}={env[key]} (the worker's health server has no authentication)")
     return problems
-
-
-def _shell_split(command: str) -> list[str]:
-    import shlex
-
-    return shlex.split(command)
 
 
 def _command_problems(name: str, command: str) -> list[str]:
