@@ -8,18 +8,22 @@ import copy
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from tests.conftest import free_ports
+from tests.dockerignore import PatternMatcher, context_files, read_dockerignore
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -78,7 +82,8 @@ def test_cluster_config_validates_against_ray_schema():
     commands = " ".join(prepared["setup_commands"] + prepared["head_setup_commands"])
     assert "ray-wheels" not in commands and "pip install" not in commands
     # Token auth: every node gets the token and starts Ray in token mode.
-    assert any(remote.endswith("/.ray/auth_token") for remote in prepared["file_mounts"])
+    # (the token's directory, ~/.ray/, so that a rotated token reaches running containers)
+    assert any(remote.rstrip("/") == "/home/ray/.ray" for remote in prepared["file_mounts"])
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert "RAY_AUTH_MODE=token" in " ".join(prepared[key])
     text = CLUSTER.read_text()
@@ -397,3 +402,709 @@ def test_local_stack_start_status_stop(tmp_path):
         assert _port_free(port), f"port {port} still in use after stop"
     after = stack("status", 60)
     assert after.returncode != 0 and all(f"{s}: stopped" in after.stdout for s in services)
+
+
+# --- README Tier 2, run as written against a local token-authenticated head ----------------------------------------
+
+
+def _readme_blocks(heading: str) -> list[str]:
+    """The ```bash blocks of one README section, continuation lines joined."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(heading)
+    end = text.find("\n### ", start + len(heading))
+    section = text[start:end if end > 0 else None]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    return [block.replace("\\\n", " ") for block in blocks]
+
+
+def _commands(block: str) -> list[str]:
+    lines = [re.sub(r"\s+#\s.*$", "", line).strip() for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+TIER2_TRAIN_OVERRIDES = ("train.num_workers=1", "train.use_gpu=false", "train.cpus_per_worker=1", "train.epochs=1",
+                         "train.batch_size=4", "train.run_name=tier2", "tracking.log_model=false")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(720)
+def test_readme_tier2_commands_run_against_a_token_head(tmp_path):
+    """README Tier 2 as written: the head block (venv, token, `ray start --head`) and the client block (token,
+    tunnel, `ray job submit` of prepare, stats and training). Only what names the remote cluster changes: the
+    tunnel line (the head is local), the dashboard port and s3://my-bucket (free ports, a local folder). The head
+    starts from a shell whose PATH lacks the venv, so the README's `source .venv/bin/activate` is what gives the
+    jobs the venv's `python` and `alexnet`."""
+    if not (ROOT / ".venv" / "bin" / "ray").exists():
+        pytest.skip("needs .venv (make setup)")
+    from pipelines.synth import write_synthetic_imagenet
+
+    head_block, client_block = _readme_blocks("### Tier 2")
+    head_cmds, client_cmds = _commands(head_block), _commands(client_block)
+    assert head_cmds[0] == "source .venv/bin/activate"
+    starts = [c for c in head_cmds if "ray start --head" in c]
+    assert len(starts) == 1 and starts[0].startswith("RAY_AUTH_MODE=token ")
+    # The token comes before the first command that talks to the cluster.
+    first_contact = next(i for i, c in enumerate(client_cmds) if c.startswith("ray "))
+    assert any("RAY_AUTH_MODE=token" in c for c in client_cmds[:first_contact])
+    submits = [c for c in client_cmds if c.startswith("ray job submit")]
+    assert [s.split(" -- ")[1].split()[:2] for s in submits] == [
+        ["alexnet", "prepare"], ["alexnet", "stats"], ["python", "-m"]]
+
+    bucket = tmp_path / "bucket"
+    write_synthetic_imagenet(bucket / "ilsvrc2012", classes=3, train_per_class=4, val_per_class=2, size=64,
+                             seed=1, quirks=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="alexnet-t2-", dir="/tmp"))  # short: Ray's socket paths live here
+    gcs, dashboard, client, agent = free_ports(4)
+    system_path = ":".join(p for p in os.environ.get("PATH", "/usr/bin:/bin").split(":")
+                           if not p.startswith(str(ROOT / ".venv")))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VIRTUAL_ENV", "MLFLOW_", "AWS_"))}
+    env.update(HOME=str(home), RAY_TMPDIR=str(ray_tmp), PATH=system_path,
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+               # The machine's memory is shared with other test runs: Ray's OOM monitor would kill this head's
+               # tiny workers for memory that other processes use.
+               RAY_memory_monitor_refresh_ms="0")
+
+    local_start = (f"{starts[0]} --block --node-ip-address=127.0.0.1 --port={gcs} --dashboard-port={dashboard} "
+                   f"--ray-client-server-port={client} --dashboard-agent-listen-port={agent} "
+                   f"--temp-dir={ray_tmp} --num-cpus=2 --object-store-memory=150000000")
+    head_script = "set -e\n" + "\n".join(local_start if c == starts[0] else c for c in head_cmds) + "\n"
+    head = subprocess.Popen(["bash", "-c", head_script], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        token_file = home / ".ray" / "auth_token"
+        deadline = time.monotonic() + 120
+        while True:
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            try:
+                if token_file.exists() and _http_status(f"http://127.0.0.1:{dashboard}/api/version",
+                                                        token_file.read_text().strip()) == 200:
+                    break
+            except urllib.error.URLError:
+                pass  # not listening yet
+            assert time.monotonic() < deadline, "the head did not answer: " + (tmp_path / "head.log").read_text()[-3000:]
+            time.sleep(1)
+        assert _http_status(f"http://127.0.0.1:{dashboard}/api/version") == 401, "token auth is off"
+
+        client_env = dict(env, PATH=f"{ROOT / '.venv' / 'bin'}:{system_path}")
+        exports: list[str] = []
+        timings: dict[str, float] = {}
+        for c in client_cmds:
+            if "head-node" in c:
+                continue  # the SSH tunnel: this head listens on this machine already
+            c = c.replace("127.0.0.1:8265", f"127.0.0.1:{dashboard}").replace("s3://my-bucket/", f"{bucket}/")
+            if c.startswith("export "):
+                exports.append(c)
+                continue
+            if "python -m alexnet.train" in c:
+                c += "".join(f" --set {o}" for o in TIER2_TRAIN_OVERRIDES)
+            started = time.monotonic()
+            run = subprocess.run(["bash", "-c", "set -euo pipefail\n" + "\n".join([*exports, c])], cwd=ROOT,
+                                 env=client_env, capture_output=True, text=True, timeout=360)
+            timings[" ".join(c.split(" -- ")[-1].split()[:2])] = round(time.monotonic() - started, 1)
+            output = run.stdout + run.stderr
+            assert run.returncode == 0 and "succeeded" in output, f"{c}\n{output[-6000:]}"
+        print("tier-2 command times (s):", timings)
+        prepared = bucket / "imagenet-256"
+        assert json.loads((prepared / "manifest.json").read_text())
+        assert (prepared / "stats.json").exists()
+        checkpoints = list((bucket / "alexnet-runs").rglob("checkpoint.pt"))
+        assert checkpoints, f"no checkpoint under {bucket / 'alexnet-runs'}"
+    finally:
+        try:
+            os.killpg(head.pid, 15)
+            head.wait(timeout=60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(head.pid, 9)
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# --- secrets stay out of the image and out of git -----------------------------------------------------------------
+
+# Files a user may leave in the checkout that hold secrets (infra/mlflow/README.md's .env above all).
+PLANTED_SECRETS = [
+    ".env", "infra/mlflow/.env", "configs/prod.env", "alexnet/.env", "flows/.env.local", "auth_token",
+    "infra/ray/auth_token", "configs/auth_token.bak", "pipelines/.ray/auth_token", ".aws/credentials",
+    "alexnet/credentials.json", "configs/gcp-credentials.json", "deploy.pem", "flows/server.key",
+]
+LOCAL_STATE = [".venv/bin/python", "runs/ray/x/checkpoint.pt", "mlflow.db", ".git/config",
+               "alexnet/__pycache__/model.cpython-311.pyc", "data/imagenet/manifest.json"]
+
+
+def _secret_bearing(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return (name == ".env" or name.endswith(".env") or name.startswith(".env.") or "auth_token" in name
+            or "credentials" in name or name.endswith((".pem", ".key")) or "/.aws/" in f"/{path}")
+
+
+@pytest.mark.parametrize(
+    "patterns, path, excluded",
+    [  # moby/patternmatcher's own cases (MatchesOrParentMatches), and BuildKit's reading of the file
+        (["**"], "dir/file", True), (["**/"], "file", True), (["dir/**"], "dir/dir2/file", True),
+        (["**/dir"], "dir/file", True), (["**/dir2/*"], "dir/dir2/file", True), (["**file"], "dir/dir/file", True),
+        (["**/file*.txt"], "dir/dir/file.txt", True), (["**/**/*.txt2"], "dir/dir/file.txt", False),
+        (["**/*.txt"], "file.txt", True), (["a**/*.txt"], "a/dir/dir/file.txt", True),
+        (["a/*.txt"], "a/dir/file.txt", False), (["a[b-d]e"], "ace", True), (["a[b-d]e"], "aae", False),
+        (["a[^b-d]e"], "aze", True), ([".*"], ".foo", True), ([".*"], "foo", False), (["abc.def"], "abcZdef", False),
+        (["abc?def"], "abcZdef", True), (["abc/**"], "abc", False), (["**/.foo"], "bar.foo", False),
+        (["a(b)c/def"], "a(b)c/def", True), (["a\\*b"], "a*b", True), (["a\\*b"], "ab", False),
+        (["a*/b"], "a/c/b", False), (["a*b"], "a/b", False), (["*.go"], "fileutils.go", True),
+        (["docs", "!docs/README.md"], "docs/README.md", False), (["docs/*", "!docs/README.md"], "docs/README.md", False),
+        (["*.go", "!fileutils.go"], "fileutils.go", False), (["!fileutils.go", "*.go"], "fileutils.go", True),
+        (["**", "!util/docker/web"], "util/docker/web/foo", False),
+        (["**", "!util/docker/web", "util/docker/web/foo"], "util/docker/web/foo", True),
+        (["**", "!dist/*.whl"], "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl", False),
+        (["Secret.env"], "secret.env", False),  # case-sensitive, unlike docker-py's matcher
+        (["a"], "a/b/c/d", True),  # every parent directory counts, not only the first one
+        (["/runs/"], "runs/x", True), (["./runs"], "runs/x", True), (["runs/../data"], "data/x", True),
+        (["# a comment", "  .env  "], ".env", True), (["\\#hash"], "#hash", True),
+    ],
+)
+def test_dockerignore_matcher_follows_docker(patterns, path, excluded):
+    matcher = PatternMatcher(read_dockerignore("\n".join(patterns)))
+    assert matcher.excluded(path) is excluded
+
+
+def test_dockerignore_matcher_rejects_bad_patterns():
+    with pytest.raises(ValueError, match="illegal exclusion"):
+        PatternMatcher(["!"])
+    with pytest.raises(ValueError, match="bad .dockerignore pattern"):
+        PatternMatcher(["["]).excluded("a")
+
+
+def _checkout_with_secrets(root: Path) -> Path:
+    """The tracked files of this checkout (empty) plus secrets and local state a user may have there."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for rel in {*tracked, *PLANTED_SECRETS, *LOCAL_STATE}:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).touch()
+    return root
+
+
+def _copy_sources(dockerfile: Path) -> list[str]:
+    sources = []
+    for word, rest in _instructions(dockerfile):
+        if word == "COPY":
+            sources += [p for p in rest.split() if not p.startswith("--")][:-1]
+    return sources
+
+
+def _context_problems(dockerfile: Path, ignore_text: str, checkout: Path) -> list[str]:
+    sent = context_files(checkout, ignore_text)
+    problems = [f"sent to the builder: {p}" for p in sent if _secret_bearing(p) or p in LOCAL_STATE]
+    for source in _copy_sources(dockerfile):
+        if source != "." and not any(p == source or p.startswith(source.rstrip("/") + "/") for p in sent):
+            problems.append(f"COPY {source}: not in the build context")
+    return problems
+
+
+DOCKERFILES = [DOCKERFILE, INFRA / "mlflow" / "Dockerfile"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_build_context_holds_no_secret(dockerfile, tmp_path):
+    """Both images build from the repository root; their .dockerignore files (BuildKit reads
+    <Dockerfile>.dockerignore) are allowlists: the context holds what COPY names and no secret or local state."""
+    checkout = _checkout_with_secrets(tmp_path / "checkout")
+    ignore = dockerfile.with_name(dockerfile.name + ".dockerignore").read_text()
+    assert _context_problems(dockerfile, ignore, checkout) == []
+    assert "COPY . ." not in dockerfile.read_text(), "copy only what the image needs"
+    if dockerfile == DOCKERFILE:  # code named after a secret is still code
+        (checkout / "pipelines" / "credentials.py").touch()
+        assert "pipelines/credentials.py" in context_files(checkout, ignore)
+
+
+@pytest.mark.parametrize("mutation", ["drop-env", "allow-infra", "no-allowlist"])
+def test_build_context_check_catches_a_leaky_dockerignore(mutation, tmp_path):
+    checkout = _checkout_with_secrets(tmp_path / "checkout")
+    ignore = (INFRA / "docker" / "Dockerfile.dockerignore").read_text()
+    if mutation == "drop-env":
+        ignore = ignore.replace("**/.env\n", "").replace("**/*.env\n", "").replace("**/.env.*\n", "")
+    elif mutation == "allow-infra":
+        ignore += "!infra\n"
+    else:
+        ignore = "\n".join(line for line in ignore.splitlines() if line != "*")
+    leaked = [p for p in _context_problems(DOCKERFILE, ignore, checkout) if p.startswith("sent to the builder")]
+    assert leaked and (mutation == "no-allowlist" or any(".env" in p for p in leaked)), leaked
+
+
+def _git_ignored(repo: Path, paths: list[str]) -> set[str]:
+    result = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=repo, input="\n".join(paths),
+                            capture_output=True, text=True)
+    assert result.returncode in (0, 1), result.stderr
+    return set(result.stdout.split())
+
+
+def test_gitignore_keeps_secrets_out_of_git(tmp_path):
+    """git's own matcher (check-ignore) on this .gitignore, and on a copy without the secret patterns."""
+    assert _git_ignored(ROOT, PLANTED_SECRETS) == set(PLANTED_SECRETS)
+    assert _git_ignored(ROOT, ["pipelines/credentials.py", "tests/test_auth_token.py"]) == set()
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert not [p for p in tracked if _secret_bearing(p)], "a secret-bearing file is tracked"
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    text = (ROOT / ".gitignore").read_text()
+    (repo / ".gitignore").write_text(text.replace("*.env\n", "").replace(".env\n", ""))
+    assert "infra/mlflow/.env" not in _git_ignored(repo, PLANTED_SECRETS)
+
+
+# --- reproducible images -------------------------------------------------------------------------------------------
+
+
+def _pip_installs(dockerfile: Path) -> list[str]:
+    runs = [rest for word, rest in _instructions(dockerfile) if word == "RUN"]
+    return [cmd.strip() for run in runs for cmd in re.split(r"&&|;", run) if re.search(r"\bpip install\b", cmd)]
+
+
+def _unpinned(dockerfile: Path) -> list[str]:
+    from importlib.metadata import requires
+
+    pinned = {line.split("==")[0].lower().replace("_", "-") for line in (ROOT / "constraints.txt").read_text().split()}
+    problems = []
+    for cmd in _pip_installs(dockerfile):
+        words = cmd.split()
+        if "-c" not in words or not words[words.index("-c") + 1].endswith("constraints.txt"):
+            problems.append(f"not through constraints.txt: {cmd}")
+        for word in words[words.index("install") + 1:]:
+            spec = word.strip("\"'")
+            m = re.match(r"^([A-Za-z0-9_.-]+)(\[([a-z,]+)\])?", spec)
+            if spec.startswith("-") or spec.startswith("/") or spec == "." or not m or spec.endswith(".txt"):
+                continue
+            name, extras = m.group(1).lower().replace("_", "-"), (m.group(3) or "").split(",")
+            if name not in pinned:
+                problems.append(f"{name} is not pinned in constraints.txt")
+            for extra in filter(None, extras):
+                for req in requires(name) or []:
+                    if f'extra == "{extra}"' in req:
+                        dep = re.match(r"[A-Za-z0-9_.-]+", req).group(0).lower().replace("_", "-")
+                        if dep not in pinned:
+                            problems.append(f"{name}[{extra}] needs {dep}, not pinned in constraints.txt")
+    return problems
+
+
+def test_mlflow_image_installs_through_the_constraints(tmp_path):
+    mlflow_dockerfile = INFRA / "mlflow" / "Dockerfile"
+    assert _pip_installs(mlflow_dockerfile) and _unpinned(mlflow_dockerfile) == []
+    assert "constraints.txt" in _copy_sources(mlflow_dockerfile)
+    mutated = tmp_path / "Dockerfile"
+    mutated.write_text(mlflow_dockerfile.read_text().replace("-c /tmp/constraints.txt ", ""))
+    assert any("not through constraints.txt" in p for p in _unpinned(mutated))
+    mutated.write_text(mlflow_dockerfile.read_text().replace("boto3", "boto3 sqlalchemy-utils"))
+    assert "sqlalchemy-utils is not pinned in constraints.txt" in _unpinned(mutated)
+
+
+def _pull_policy_problems(rayjob: dict, cluster: dict) -> list[str]:
+    problems = []
+    if not cluster["docker"].get("pull_before_run", True):
+        problems.append("cluster-aws.yaml: pull_before_run is false")
+    groups = [rayjob["spec"]["rayClusterSpec"]["headGroupSpec"], *rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
+    for group in groups:
+        for c in _containers(group):
+            if "@sha256:" not in c["image"] and c.get("imagePullPolicy") != "Always":
+                problems.append(f"rayjob.yaml {c['name']}: tag {c['image']} with imagePullPolicy "
+                                f"{c.get('imagePullPolicy')}: a re-pushed tag is not pulled")
+    return problems
+
+
+def test_image_pull_policy_is_consistent():
+    rayjob = yaml.safe_load(RAYJOB.read_text())
+    assert _pull_policy_problems(rayjob, _cluster()) == []
+    broken = copy.deepcopy(rayjob)
+    _containers(broken["spec"]["rayClusterSpec"]["headGroupSpec"])[0]["imagePullPolicy"] = "IfNotPresent"
+    assert _pull_policy_problems(broken, _cluster())
+    readme = (INFRA / "docker" / "README.md").read_text()
+    assert "git rev-parse --short HEAD" in readme and "@sha256:" in readme and "docker buildx imagetools inspect" in readme
+
+
+# --- cluster launcher details --------------------------------------------------------------------------------------
+
+
+def test_cluster_mounts_the_token_directory(tmp_path, monkeypatch, caplog):
+    """Ray's own check (ray.autoscaler._private.docker) warns about single-file mounts; the token travels as its
+    directory. The comment on GPUs says what Ray's docker runner really adds."""
+    import inspect
+    import logging
+
+    from ray.autoscaler._private import docker as ray_docker
+    from ray.autoscaler._private.command_runner import DockerCommandRunner
+
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("t")
+    monkeypatch.setenv("HOME", str(home))
+    mounts = _cluster()["file_mounts"]
+    assert mounts == {"/home/ray/.ray": "~/.ray/"}
+    warnings = []
+    monkeypatch.setattr(ray_docker.cli_logger, "warning", lambda *a, **k: warnings.append(a))
+    expanded = {remote: os.path.expanduser(local) for remote, local in mounts.items()}  # as `ray up` expands them
+    ray_docker._check_docker_file_mounts(expanded)
+    assert warnings == []
+    ray_docker._check_docker_file_mounts({"/home/ray/.ray/auth_token": str(home / ".ray" / "auth_token")})
+    assert warnings, "Ray's file-mount check no longer warns about a single file"
+
+    runtime = inspect.getsource(DockerCommandRunner._configure_runtime)
+    assert "--runtime=nvidia" in runtime and "--gpus" not in runtime
+    text = CLUSTER.read_text()
+    assert "--runtime=nvidia" in text and "--gpus all" not in text
+
+
+# --- no public bind without authentication --------------------------------------------------------------------------
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _default_of(value: str) -> str:
+    """A compose/shell `${VAR:-default}` resolved to its default (what runs when the user sets nothing)."""
+    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?-([^}]*))?\}", lambda m: m.group(1) or "", str(value))
+
+
+def _compose_problems(name: str, text: str) -> list[str]:
+    problems = []
+    for service, spec in (yaml.safe_load(text).get("services") or {}).items():
+        command = " ".join(map(str, spec.get("command") or []))
+        env = spec.get("environment") or {}
+        for port in spec.get("ports") or []:
+            host_ip = port.get("host_ip", "") if isinstance(port, dict) else (
+                _default_of(port).rsplit(":", 2)[0] if _default_of(port).count(":") == 2 else "")
+            if host_ip in LOOPBACK:
+                continue
+            if "mlflow" in command and "--app-name basic-auth" in command:
+                continue
+            if "prefect" in command and ":?" in str(env.get("PREFECT_SERVER_API_AUTH_STRING", "")):
+                continue
+            problems.append(f"{name}: service {service} publishes {port} on every interface without authentication")
+    return problems
+
+
+def _unit_entries(text: str) -> dict[str, dict[str, list[str]]]:
+    """A systemd unit's sections, each key with all its values (Environment= and ExecStartPre= repeat)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+        elif current is not None and "=" in line:
+            key, value = line.split("=", 1)
+            current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def _unit_problems(name: str, text: str) -> list[str]:
+    service = _unit_entries(text)["Service"]
+    env = dict(v.split("=", 1) for v in service.get("Environment", []) if "=" in v)
+    exec_start = " ".join(service.get("ExecStart", []))
+    problems = []
+    if "prefect server start" in exec_start:
+        m = re.search(r"--host[= ](\S+)", exec_start)
+        host = m.group(1) if m else env.get("PREFECT_SERVER_API_HOST", "127.0.0.1")
+        if host not in LOOPBACK:
+            # The unit's own guard, run as systemd would (`$$` is systemd's escape for `$`): it must refuse to
+            # start without the auth string and start with it.
+            guards = [shlex.split(pre.lstrip("-")) for pre in service.get("ExecStartPre", []) if not pre.startswith("-")]
+            base = {"PATH": "/usr/bin:/bin", **env}
+
+            def starts(extra: dict[str, str]) -> bool:
+                return all(subprocess.run([a.replace("$$", "$") for a in argv], env={**base, **extra},
+                                          capture_output=True, text=True).returncode == 0 for argv in guards)
+
+            if starts({}) or not starts({"PREFECT_SERVER_API_AUTH_STRING": "u:p"}):
+                problems.append(f"{name}: Prefect API on {host}: the unit starts without PREFECT_SERVER_API_AUTH_STRING")
+    if "mlflow server" in exec_start and "--app-name basic-auth" not in exec_start:
+        m = re.search(r"--host[= ](\S+)", exec_start)
+        if m and m.group(1) not in LOOPBACK:
+            problems.append(f"{name}: MLflow on {m.group(1)} without --app-name basic-auth")
+    for key in ("PREFECT_WORKER_WEBSERVER_HOST",):
+        if key in env and env[key] not in LOOPBACK:
+            problems.append(f"{name}: {key}={env[key]} (the worker's health server has no authentication)")
+    return problems
+
+
+def _command_problems(name: str, command: str) -> list[str]:
+    """One command line (a Dockerfile CMD, a README line, a config's start command)."""
+    problems = []
+    public = re.search(r"--(dashboard-)?host[= ]\"?(0\.0\.0\.0|::)\b", command) or "_HOST=0.0.0.0" in command
+    if "mlflow server" in command and public and "--app-name basic-auth" not in command:
+        problems.append(f"{name}: `mlflow server` on every interface without --app-name basic-auth")
+    if "ray start --head" in command and public and "RAY_AUTH_MODE=token" not in command:
+        problems.append(f"{name}: Ray dashboard on every interface without RAY_AUTH_MODE=token")
+    return problems
+
+
+def _dockerfile_problems(name: str, text: str) -> list[str]:
+    problems = []
+    for word, rest in _instructions_of(text):
+        if word in ("CMD", "ENTRYPOINT"):
+            command = " ".join(json.loads(rest)) if rest.startswith("[") else rest
+            problems += _command_problems(name, command)
+    return problems
+
+
+def _markdown_problems(name: str, text: str) -> list[str]:
+    problems = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        block = block.replace("\\\n", " ")
+        for line in block.splitlines():
+            problems += _command_problems(name, line)
+        if re.search(r"PREFECT_SERVER_API_HOST=(0\.0\.0\.0|::)", block) and "PREFECT_SERVER_API_AUTH_STRING=" not in block:
+            problems.append(f"{name}: a Prefect server on every interface without PREFECT_SERVER_API_AUTH_STRING")
+    return problems
+
+
+def _shell_problems(name: str, text: str) -> list[str]:
+    return [f"{name}: binds 0.0.0.0: {line.strip()}" for line in text.splitlines()
+            if "0.0.0.0" in line and not line.lstrip().startswith("#")]
+
+
+def _cluster_problems(name: str, text: str) -> list[str]:
+    config = yaml.safe_load(text)
+    problems = []
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for command in config.get(key, []):
+            problems += _command_problems(name, command.replace("export RAY_AUTH_MODE=token;", "RAY_AUTH_MODE=token"))
+    return problems
+
+
+def _rayjob_problems(name: str, text: str) -> list[str]:
+    job = yaml.safe_load(text)
+    cluster = job["spec"]["rayClusterSpec"]
+    host = cluster["headGroupSpec"].get("rayStartParams", {}).get("dashboard-host", "127.0.0.1")
+    if host not in LOOPBACK and (cluster.get("authOptions") or {}).get("mode") != "token":
+        return [f"{name}: Ray dashboard on {host} without authOptions.mode token"]
+    return []
+
+
+def _instructions_of(text: str) -> list[tuple[str, str]]:
+    path = Path(tempfile.mkdtemp()) / "Dockerfile"
+    path.write_text(text)
+    try:
+        return _instructions(path)
+    finally:
+        shutil.rmtree(path.parent)
+
+
+def _exposure_problems(rel: str, text: str) -> list[str]:
+    name = Path(rel).name
+    if re.search(r"(docker-)?compose[^/]*\.ya?ml$", name):
+        return _compose_problems(rel, text)
+    if name.endswith(".service"):
+        return _unit_problems(rel, text)
+    if name == "Dockerfile":
+        return _dockerfile_problems(rel, text)
+    if name.endswith(".md"):
+        return _markdown_problems(rel, text)
+    if name.endswith(".sh"):
+        return _shell_problems(rel, text)
+    if name == "cluster-aws.yaml":
+        return _cluster_problems(rel, text)
+    if name == "rayjob.yaml":
+        return _rayjob_problems(rel, text)
+    return []
+
+
+INFRA_FILES = sorted(p for p in INFRA.rglob("*") if p.is_file())
+
+
+def test_every_infra_file_is_checked_for_exposure():
+    checked = {p.relative_to(ROOT).as_posix() for p in INFRA_FILES}
+    kinds = {".md", ".sh", ".service", ".yaml", ""}
+    unchecked = [p for p in checked if Path(p).suffix not in kinds | {".dockerignore", ".ini"}]
+    assert not unchecked, f"add a check for {unchecked}"
+
+
+@pytest.mark.parametrize("path", [*INFRA_FILES, ROOT / "README.md"], ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_no_public_bind_without_authentication(path):
+    rel = path.relative_to(ROOT).as_posix()
+    assert _exposure_problems(rel, path.read_text()) == []
+
+
+@pytest.mark.parametrize(
+    "rel, old, new",
+    [
+        ("infra/mlflow/docker-compose.yaml", "      - --app-name\n      - basic-auth\n", ""),
+        ("infra/mlflow/Dockerfile", '"--app-name", "basic-auth", ', ""),
+        ("infra/prefect/systemd/prefect-server.service", "ExecStartPre=", "#ExecStartPre="),
+        ("infra/prefect/systemd/prefect-server.service", '[ -n "$${PREFECT_SERVER_API_AUTH_STRING}" ]', "true"),
+        ("infra/prefect/systemd/prefect-worker.service", "PREFECT_WORKER_WEBSERVER_HOST=127.0.0.1",
+         "PREFECT_WORKER_WEBSERVER_HOST=0.0.0.0"),
+        ("infra/prefect/README.md", "export PREFECT_SERVER_API_AUTH_STRING=", "export NOTHING="),
+        ("infra/mlflow/README.md", "mlflow server --app-name basic-auth", "mlflow server"),
+        ("infra/mlflow/server.sh", "HOST=127.0.0.1", "HOST=0.0.0.0"),
+        ("infra/ray/cluster-aws.yaml", "export RAY_AUTH_MODE=token;", ""),
+        ("infra/ray/rayjob.yaml", "      mode: token\n", "      mode: disabled\n"),
+    ],
+)
+def test_exposure_check_catches_an_open_server(rel, old, new):
+    text = (ROOT / rel).read_text()
+    assert old in text, f"{rel} changed: update this mutation"
+    if rel.endswith("docker-compose.yaml"):  # auth off alone is fine on loopback: publish it as well
+        text = text.replace('"${MLFLOW_BIND_ADDRESS:-127.0.0.1}:5000:5000"', '"5000:5000"')
+        assert _exposure_problems(rel, text) == [], "basic auth on a public port is the intended setup"
+    assert _exposure_problems(rel, text.replace(old, new, 1)), f"{rel} without its guard passed the check"
+
+
+def test_mlflow_server_script_refuses_a_public_bind_without_auth(tmp_path):
+    result = subprocess.run(["bash", str(INFRA / "mlflow" / "server.sh"), "--host", "0.0.0.0", "--dir",
+                             str(tmp_path / "mlflow")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--app-name basic-auth" in result.stderr
+    assert not (tmp_path / "mlflow").exists(), "it started before refusing"
+
+
+def test_mlflow_basic_auth_config_is_mlflows(monkeypatch):
+    """The image's basic_auth.ini read by MLflow's own reader; the app it names exists in this MLflow."""
+    import importlib.util
+    from importlib.metadata import entry_points
+
+    import mlflow
+
+    assert "basic-auth" in {e.name for e in entry_points(group="mlflow.app")}
+    # MLflow's reader alone: importing mlflow.server.auth would load the whole tracking server (20 s).
+    spec = importlib.util.spec_from_file_location(
+        "mlflow_auth_config", Path(mlflow.__file__).parent / "server" / "auth" / "config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    read_auth_config = module.read_auth_config
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(INFRA / "mlflow" / "basic_auth.ini"))
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD", raising=False)
+    config = read_auth_config()
+    assert config.admin_password is None, "no password in the file: it comes from MLFLOW_AUTH_ADMIN_PASSWORD"
+    assert config.database_uri.startswith("sqlite:////var/lib/mlflow-auth/")
+    compose = yaml.safe_load((INFRA / "mlflow" / "docker-compose.yaml").read_text())["services"]["mlflow"]
+    assert "mlflow-auth:/var/lib/mlflow-auth" in compose["volumes"]
+    for key in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert ":?" in compose["environment"][key], f"{key} must be required"
+
+
+# --- prefect.yaml against Prefect's own model and the flow's parameter schema -------------------------------------
+
+PREFECT_YAML = ROOT / "prefect.yaml"
+
+
+def _prefect_problems(text: str) -> list[str]:
+    """What `prefect deploy` would reject: the file against Prefect's model of prefect.yaml, and each deployment's
+    parameters against its flow's parameter schema (the check the Prefect server runs on a flow run's parameters)."""
+    import pydantic
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import validate
+
+    raw = yaml.safe_load(text)
+    try:
+        model = PrefectYamlModel.model_validate(raw)
+    except pydantic.ValidationError as e:
+        return [f"prefect.yaml: {e}"]
+    problems = []
+    flows: dict[str, Any] = {}
+    for deployment in model.deployments:
+        if deployment.entrypoint not in flows:
+            flows[deployment.entrypoint] = load_flow_from_entrypoint(str(ROOT / deployment.entrypoint))
+        flow = flows[deployment.entrypoint]
+        schema = parameter_schema(flow).model_dump_for_openapi()
+        params = deployment.parameters or {}
+        unknown = set(params) - set(schema["properties"])
+        if unknown:
+            problems.append(f"{deployment.name}: parameters {sorted(unknown)} are not parameters of {flow.name}")
+        errors = validate(params, schema, raise_on_error=False, ignore_required=True)
+        problems += [f"{deployment.name}: {e.message}" for e in errors]
+        if (deployment.work_pool and deployment.work_pool.name) != "alexnet-pool":
+            problems.append(f"{deployment.name}: not on the alexnet-pool work pool")
+    return problems
+
+
+def test_prefect_yaml_is_valid_for_prefect():
+    assert _prefect_problems(PREFECT_YAML.read_text()) == []
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("    tags: [alexnet, smoke]", "    tags: 5"),  # Prefect's model: a list of strings
+        ("      synthetic: true", "      synthetic: maybe"),  # the flow's schema: a boolean
+        ("      shard_rows: 128", "      shard_rows: many"),
+        ("      crops: [1, 10]", "      crops: one"),
+        ("      overrides: []\n      raw_uri: /data", "      overides: []\n      raw_uri: /data"),  # no such parameter
+        ("      name: alexnet-pool\n", "      name: some-pool\n"),
+    ],
+)
+def test_prefect_yaml_check_catches_a_broken_copy(old, new):
+    text = PREFECT_YAML.read_text()
+    assert old in text, "prefect.yaml changed: update this mutation"
+    assert _prefect_problems(text.replace(old, new, 1))
+
+
+def test_prefect_pull_step_resolves_to_the_worker_directory(monkeypatch):
+    """`{{ $PWD }}` is resolved by `prefect deploy` (Prefect's own templating): deployed from /opt/alexnet it is the
+    systemd worker's WorkingDirectory; the unit's header says to deploy there and to give its user runs/."""
+    from prefect.utilities.templating import apply_values
+
+    pull = yaml.safe_load(PREFECT_YAML.read_text())["pull"]
+    monkeypatch.setenv("PWD", "/opt/alexnet")
+    resolved = apply_values(pull, {}, remove_notset=False)
+    directory = resolved[0]["prefect.deployments.steps.set_working_directory"]["directory"]
+    worker = (INFRA / "prefect" / "systemd" / "prefect-worker.service").read_text()
+    service = _unit_entries(worker)["Service"]
+    assert service["WorkingDirectory"] == [directory]
+    user = service["User"][0]
+    assert f"install -d -o {user} -g {user} {directory}/runs" in worker
+    assert f"cd {directory} && " in worker and "prefect deploy --all" in worker
+    readme = (INFRA / "prefect" / "README.md").read_text()
+    assert f"install -d -o {user} -g {user} {directory}/runs" in readme
+
+
+# --- compose files against the Compose specification ----------------------------------------------------------------
+
+#: The Compose specification's JSON schema as docker-compose 1.29.2 (PyPI) ships it (compose/config/compose_spec.json).
+COMPOSE_SCHEMA = ROOT / "tests" / "data" / "compose_spec-docker-compose-1.29.2.json"
+COMPOSE_FILES = sorted(INFRA.rglob("docker-compose*.yaml"))
+
+
+def _compose_schema_problems(text: str) -> list[str]:
+    import jsonschema
+
+    compose = yaml.safe_load(text)
+    # The top-level `name` came to the specification after that schema (compose-spec 2022); it is a string.
+    if not isinstance(compose.pop("name", ""), str):
+        return ["name: not a string"]
+    validator = jsonschema.Draft201909Validator(json.loads(COMPOSE_SCHEMA.read_text()))
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose)]
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.relative_to(INFRA).as_posix())
+def test_compose_file_follows_the_compose_spec(path):
+    assert _compose_schema_problems(path.read_text()) == []
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [("    restart: unless-stopped\n    depends_on:", "    restart: unless-stopped\n    depend_on:\n      - postgres\n    depends_on:"),
+     ("      interval: 5s", "      interval: [5s]"),
+     ("volumes:\n  pgdata:", "volume:\n  pgdata:")],
+)
+def test_compose_check_catches_a_broken_copy(old, new):
+    text = (INFRA / "mlflow" / "docker-compose.yaml").read_text()
+    assert old in text
+    assert _compose_schema_problems(text.replace(old, new, 1))
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
+@pytest.mark.parametrize("old, new", [("ExecStart=/opt/alexnet/.venv/bin/prefect", "ExecStart=prefect-nowhere"),
+                                      ("Restart=", "Restrat="), ("[Install]", "[Instal]")])
+def test_systemd_verify_catches_a_broken_unit(old, new, tmp_path):
+    """The check of test_systemd_unit_parses (systemd's own parser) on mutated copies of the server unit."""
+    if not (ROOT / ".venv" / "bin" / "prefect").exists():
+        pytest.skip("no .venv/bin/prefect for systemd-analyze verify")
+    text = (INFRA / "prefect" / "systemd" / "prefect-server.service").read_text()
+    assert old in text
+    unit = tmp_path / "prefect-server.service"
+    unit.write_text(text.replace(old, new, 1).replace("/opt/alexnet", str(ROOT)))
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert result.returncode != 0 or result.stderr.strip()

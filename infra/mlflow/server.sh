@@ -23,6 +23,17 @@ while [ $# -gt 0 ]; do
     *) echo "server.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
+# Another interface than loopback makes the server reachable from the network: only with MLflow's basic-auth app.
+case "$HOST" in
+  127.*|localhost|::1) ;;
+  *) case " $* " in
+       *" --app-name basic-auth "*|*" --app-name=basic-auth "*) ;;
+       *) echo "server.sh: --host $HOST would serve MLflow to the network without authentication; add" \
+            "'-- --app-name basic-auth' with MLFLOW_AUTH_ADMIN_PASSWORD and MLFLOW_FLASK_SERVER_SECRET_KEY set" \
+            "(infra/mlflow/README.md), or keep the default 127.0.0.1" >&2
+          exit 2 ;;
+     esac ;;
+esac
 mkdir -p "$DIR/artifacts"
 DIR=$(cd "$DIR" && pwd)
 if [ -x "$ROOT/.venv/bin/mlflow" ]; then MLFLOW="$ROOT/.venv/bin/mlflow"; else MLFLOW=$(command -v mlflow || true); fi
