@@ -19,7 +19,8 @@ echo "pillow-simd: building $VERSION from source (about a minute)..."
 if CC="cc $cflags" "${PIP[@]}" wheel --no-deps -w "$work" "pillow-simd==$VERSION" >"$work/build.log" 2>&1; then
   # Both distributions own the PIL package: remove Pillow first, then install the freshly built wheel.
   "${PIP[@]}" uninstall -y pillow >/dev/null 2>&1 || true
-  if "${PIP[@]}" install --no-deps "$work"/pillow_simd-*.whl >>"$work/build.log" 2>&1 \
+  # --force-reinstall: a venv re-set-up after a pyproject change still lists pillow-simd while Pillow owns PIL/
+  if "${PIP[@]}" install --no-deps --force-reinstall "$work"/pillow_simd-*.whl >>"$work/build.log" 2>&1 \
      && "$BIN/python" -c "from PIL import features; assert features.check('jpg') and features.check('zlib')" >>"$work/build.log" 2>&1; then
     echo "pillow-simd: installed ($("$BIN/python" -c 'import PIL; print(PIL.__version__)'))"
     rm -rf "$work"; exit 0
