@@ -209,7 +209,9 @@ def evaluate(
 
 def errors(sums: dict[str, float]) -> dict[str, float]:
     n = max(1, sums["seen"])
-    return {"loss": sums["loss_sum"] / n, "top1_err": 1 - sums["top1"] / n, "top5_err": 1 - sums["top5"] / n}
+    # misses / n, as the ILSVRC devkit's eval_flat.m (1 - hits / n can differ in the last bit)
+    return {"loss": sums["loss_sum"] / n, "top1_err": (sums["seen"] - sums["top1"]) / n,
+            "top5_err": (sums["seen"] - sums["top5"]) / n}
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------

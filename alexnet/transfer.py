@@ -195,8 +195,10 @@ def mean_per_class_accuracy(labels: np.ndarray, predictions: np.ndarray) -> tupl
 
 
 def _precision_recall(scores: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Precision and recall down the ranking of ``scores`` (descending); ``gt`` 1 positive, -1 negative, 0 ignored
-    (VOC "difficult"), as ``VOCevalcls.m`` does."""
+    """Precision and recall down the ranking of ``scores`` (descending, ties in input order as MATLAB's stable
+    ``sort``); ``gt`` 1 positive, -1 negative, 0 ignored (VOC "difficult"), as ``VOCevalcls.m`` does. The devkit
+    keeps difficult examples in the ranking, counted as neither: dropping them gives the same curve, without the
+    devkit's 0/0 precisions at its head."""
     keep = gt != 0
     scores, gt = scores[keep], gt[keep]
     order = np.argsort(-scores, kind="stable")
@@ -206,23 +208,41 @@ def _precision_recall(scores: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, n
     return tp / np.maximum(tp + fp, np.finfo(np.float64).eps), tp / npos
 
 
+def matlab_colon(start: float, step: float, stop: float) -> np.ndarray:
+    """MATLAB's ``start:step:stop``: the lower half ``start + k*step``, the upper half ``stop - (n-k)*step``, so
+    ``0:0.1:1`` holds exactly 0.6 and 0.7 (``np.linspace(0, 1, 11)`` and ``np.arange(0, 1.1, 0.1)`` hold
+    0.6000000000000001 and 0.7000000000000001: a recall of exactly 3/5 or 7/10 would then not count)."""
+    n = int(round((stop - start) / step))
+    k = np.arange(n + 1)
+    return np.where(k <= n / 2, start + k * step, stop - (n - k) * step)
+
+
+#: ``VOCevalcls.m``: ``for t=0:0.1:1``
+VOC07_RECALL_THRESHOLDS = matlab_colon(0.0, 0.1, 1.0)
+
+
 def voc07_ap(scores: np.ndarray, gt: np.ndarray) -> float:
-    """The VOC2007 11-point interpolated average precision: the mean, over recall thresholds 0, 0.1, ..., 1, of the
-    highest precision at a recall at least the threshold (0 where none is reached)."""
+    """The VOC2007 11-point interpolated average precision of ``VOCevalcls.m``, bit for bit: over the recall
+    thresholds ``0:0.1:1``, ``ap = ap + p/11`` with ``p`` the highest precision at a recall at least the threshold
+    (0 where none is reached)."""
     precision, recall = _precision_recall(np.asarray(scores, np.float64), np.asarray(gt))
-    return float(sum((precision[recall >= t].max() if (recall >= t).any() else 0.0) for t in np.linspace(0, 1, 11))
-                 / 11)
+    ap = 0.0
+    for t in VOC07_RECALL_THRESHOLDS:
+        reached = recall >= t
+        ap += (float(precision[reached].max()) if reached.any() else 0.0) / 11
+    return ap
 
 
 def auc_ap(scores: np.ndarray, gt: np.ndarray) -> float:
-    """Area under the interpolated precision-recall curve (VOC2010 onwards): precision made monotone, then summed
-    over the recall steps."""
+    """Area under the interpolated precision-recall curve, ``VOCap.m`` (VOC2010 onwards): ``mrec=[0;rec;1]``,
+    ``mpre=[0;prec;0]`` made monotone from the end, summed (in order) over the points where recall changes."""
     precision, recall = _precision_recall(np.asarray(scores, np.float64), np.asarray(gt))
     mrec = np.concatenate([[0.0], recall, [1.0]])
     mpre = np.concatenate([[0.0], precision, [0.0]])
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]
     steps = np.flatnonzero(mrec[1:] != mrec[:-1])
-    return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+    terms = (mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]
+    return float(np.cumsum(terms)[-1]) if len(terms) else 0.0  # MATLAB's sum: left to right, not pairwise
 
 
 def voc_gt(labels: np.ndarray, difficult: np.ndarray) -> np.ndarray:

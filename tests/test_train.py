@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +71,31 @@ def test_sgd_matches_the_papers_update_rule_and_spares_biases():
 def test_topk_correct():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.2], [0.2, 0.3, 0.5]])
     assert topk_correct(logits, torch.tensor([1, 2, 0]), ks=(1, 2)) == [1, 2]
+
+
+def _eval_flat(pred: np.ndarray, gt: np.ndarray, max_num_pred_per_image: int = 5) -> list[float]:
+    """The ILSVRC-2012 devkit's ``eval_flat.m``: an image is an error at k when none of its first k predictions is
+    its ground truth; the error at k is the mean over images."""
+    errors = []
+    for k in range(1, max_num_pred_per_image + 1):
+        wrong = np.all(pred[:, :k] != gt[:, None], axis=1)
+        errors.append(float(np.sum(wrong) / len(gt)))
+    return errors
+
+
+def test_top1_top5_error_equals_the_ilsvrc_devkit_on_random_predictions():
+    from alexnet.train import errors
+
+    gen = torch.Generator().manual_seed(2012)
+    for trial in range(200):
+        n, classes = int(torch.randint(1, 60, (1,), generator=gen)), int(torch.randint(5, 30, (1,), generator=gen))
+        logits = torch.randn(n, classes, generator=gen)
+        labels = torch.randint(0, classes, (n,), generator=gen)
+        top1, top5 = topk_correct(logits, labels)
+        ours = errors({"loss_sum": 0.0, "top1": top1, "top5": top5, "seen": n})
+        pred = logits.argsort(dim=1, descending=True)[:, :5].numpy()  # the submission: 5 labels, best first
+        devkit = _eval_flat(pred, labels.numpy())
+        assert (ours["top1_err"], ours["top5_err"]) == (devkit[0], devkit[4]), trial
 
 
 # --- Ray Train on CPU ------------------------------------------------------------------------------------------------
