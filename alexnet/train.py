@@ -465,13 +465,15 @@ def run_training(cfg: Config, *, ray_address: str | None = None, tracking: bool 
 
     from alexnet.tracking import git_commit, resolve_tracking_uri
     from pipelines import prepare, storage
-    from pipelines.rayutil import ensure_ray
+    from pipelines.rayutil import check_resources, ensure_ray
 
     if not cfg.data.data:
         raise ValueError("no dataset: pass --data URI (a folder or s3:// prefix written by `alexnet prepare`)")
     cfg.data.data = storage.absolute(cfg.data.data)
     prepare.load_manifest(cfg.data.data)  # fail here, clearly, rather than in every worker
     ensure_ray(ray_address)
+    check_resources("train", num_workers=cfg.train.num_workers, cpus_per_worker=cfg.train.cpus_per_worker,
+                    use_gpu=cfg.train.use_gpu)
 
     storage_path, storage_filesystem = ray_storage(cfg.train.storage_path)
     loop_config: dict[str, Any] = {"config": cfg.to_dict(), "parent_run_id": parent_run_id,

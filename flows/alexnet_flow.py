@@ -36,7 +36,7 @@ flow run id, the git commit, the data manifest sha256 and the stats sha256; one 
 (centre crop and 10 crops next to the paper's 1-CNN numbers) as ``results.json``, ``results.md``, ``results.csv``
 and an MLflow table, and its errors as metrics of the parent.
 
-**Where the heavy stages run.** Without a Ray address, in this process on a local Ray (as ``make smoke``). With
+**Where the heavy stages run.** Without a Ray address (or with ``local``, Ray's name for it), in this process on a local Ray (as ``make smoke``). With
 ``ray_address`` (or ``RAY_ADDRESS``) prepare, stats, train, evaluate and transfer are submitted to that cluster as
 **Ray jobs** running the CLI (``python -m alexnet.cli prepare imagenet ...``, ``python -m alexnet.train ...``) with
 the repository as ``working_dir``; their logs stream into the task's log and a failed or stopped job fails the stage
@@ -74,6 +74,7 @@ from prefect.cache_policies import INPUTS, NO_CACHE, CachePolicy
 from pydantic import BaseModel, Field
 
 from alexnet.results import PAPER_VAL_ERRORS, csv_text, imagenet_table, markdown
+from pipelines.rayutil import cluster_address
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -796,7 +797,8 @@ def alexnet_flow(
         crops: evaluations to run (1: centre crop, 10: the paper's ten crops).
         eval_batch_size: images per evaluation batch.
         eval_limit: evaluate only this many validation images (None: the whole split).
-        ray_address: a Ray cluster to submit the heavy stages to as Ray jobs (default ``RAY_ADDRESS``; none: local).
+        ray_address: a Ray cluster to submit the heavy stages to as Ray jobs (default ``RAY_ADDRESS``; none or
+            ``local``: a local Ray in this process).
         mlflow_tracking_uri: MLflow store (default: the preset's, ``MLFLOW_TRACKING_URI``, ``sqlite:///mlflow.db``).
         results_dir: folder for Prefect's persisted task results (the cache); default ``PREFECT_LOCAL_STORAGE_PATH``.
         refresh: stages to recompute even when cached (``["all"]`` for every one).
@@ -820,7 +822,7 @@ def alexnet_flow(
         raise ValueError(f"post_training must name stages of {sorted(POST_TRAINING_STAGES)} (not {unknown}); "
                          f"crops must be 1 and/or 10 (not {crops})")
     raw_uri, data_uri = storage.absolute(raw_uri), storage.absolute(data_uri)
-    ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    ray_address = cluster_address(ray_address)  # "local" (or nothing) is a local instance, as for ray.init
 
     # The config is resolved once, up front: a bad preset or override fails here, before any work.
     cfg = load_config(preset, [*overrides, f"data.data={data_uri}"])

@@ -19,12 +19,21 @@ SYNTH = dict(classes=4, train_per_class=12, val_per_class=4, size=200, seed=0)
 SYNTH_BAD_FRACTION = 0.1
 
 
+#: The session folder of the Ray that ``ray_local`` started (its logs are under ``logs/``).
+RAY_SESSION: dict[str, str] = {}
+
+
 @pytest.fixture(scope="session")
 def ray_local():
+    """The local Ray the pipeline starts (``pipelines.rayutil.local_init_options``: dashboard and state API on
+    127.0.0.1), on 2 CPUs, its logs kept out of the test output."""
     import ray
 
+    from pipelines.rayutil import local_init_options
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        context = ray.init(**local_init_options(num_cpus=2), log_to_driver=False)
+        RAY_SESSION["dir"] = context.address_info["session_dir"]
     yield ray
     ray.shutdown()
 

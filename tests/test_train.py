@@ -128,6 +128,24 @@ def test_two_workers_learn_and_log_to_mlflow(trained_imagenet):
     assert run.data.tags["data_manifest_sha256"] and run.data.tags["git_commit"]
 
 
+@pytest.mark.slow
+def test_training_leaves_no_placement_group_and_its_cleaner_sees_the_state_api(trained_imagenet, ray_local):
+    """Ray Train V2's placement-group cleaner polls the state API (served by the dashboard): on a local Ray without
+    it, it logged "Failed to query Ray Train Controller actor state" every second and could never see a dead
+    controller. The local Ray has it; the run's placement group is gone after the run."""
+    from tests.conftest import RAY_SESSION
+
+    assert trained_imagenet["result"].checkpoint
+    groups = ray_local.util.placement_group_table()
+    assert groups and all(g["state"] == "REMOVED" for g in groups.values()), groups
+    if "dir" not in RAY_SESSION:
+        pytest.skip("Ray was started outside the ray_local fixture: its logs are elsewhere")
+    logs = Path(RAY_SESSION["dir"]) / "logs"
+    noisy = [p.name for p in logs.rglob("*") if p.is_file() and p.suffix in (".out", ".err", ".log")
+             and b"Failed to query Ray Train Controller actor state" in p.read_bytes()]
+    assert not noisy, noisy
+
+
 def _worker_pids() -> set[int]:
     out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True)
     return {int(p) for p in out.stdout.split()}

@@ -51,8 +51,13 @@ def test_caltech_protocol_30_train_at_most_50_test_5_distinct_seeded_splits():
 
 def test_caltech_protocol_refuses_a_class_too_small_to_test():
     labels = np.array([0] * 40 + [1] * 30)
-    with pytest.raises(ValueError, match="classes {1: 30}"):
+    with pytest.raises(ValueError, match=r"category folder 101_ObjectCategories/1 \(30 images\).* at least 31"):
         caltech_splits(labels)
+    # an empty category folder of the source (manifest ``empty_classes``) is an error too, not a smaller protocol
+    with pytest.raises(ValueError, match=r"101_ObjectCategories/ferry \(0 images\)"):
+        caltech_splits(np.array([0] * 40), class_names=["accordion"], empty_classes=("101_ObjectCategories/ferry",))
+    assert len(caltech_splits(np.array([0] * 40), class_names=["accordion"], train_per_class=3, val_per_class=1,
+                              num_splits=1)) == 1
 
 
 def _index(dataset: str, splits: list[str], labels, difficult=None) -> DatasetIndex:
@@ -299,6 +304,21 @@ def test_probe_and_finetune_beat_chance_from_the_synthetic_imagenet_network(data
     assert "literature" in open(table).read()
     tuned_run = client.get_run(tuned["mlflow_run_id"])
     assert len(client.get_metric_history(tuned_run.info.run_id, "split0_train_loss")) == 4
+
+    # every evaluation's per-image test scores are artifacts, from which the devkit's number is recomputed
+    first = probe["per_split"][0]
+    saved = np.load(client.download_artifacts(run.info.run_id, f"test_scores/fc7-{first['split']}.npz"))
+    assert len(saved["keys"]) == first["test_images"] and saved["scores"].shape[1] == len(saved["classes"])
+    if dataset == "voc2007":
+        gt = np.where(saved["difficult"], 0, 2 * saved["labels"].astype(int) - 1)
+        recomputed = np.mean([_vocevalcls_ap(saved["scores"][:, c], gt[:, c])[0] for c in range(gt.shape[1])])
+    else:
+        recomputed = mean_per_class_accuracy(saved["labels"], saved["scores"].argmax(1))[0]
+    assert recomputed == pytest.approx(first["value"], abs=1e-12)
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "test_scores")} == {
+        f"test_scores/{layer}-{s['split']}.npz" for layer in ("fc7", "fc6") for s in probe["per_split"]}
+    assert [a.path for a in client.list_artifacts(tuned_run.info.run_id, "test_scores")] == [
+        f"test_scores/finetune-{tuned['per_split'][0]['split']}.npz"]
 
 
 @pytest.mark.slow
