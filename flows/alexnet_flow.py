@@ -36,8 +36,9 @@ flow run id, the git commit, the data manifest sha256 and the stats sha256; one 
 (centre crop and 10 crops next to the paper's 1-CNN numbers) as ``results.json``, ``results.md``, ``results.csv``
 and an MLflow table, and its errors as metrics of the parent.
 
-**Where the heavy stages run.** Without a Ray address (or with ``local``, Ray's name for it), in this process on a local Ray (as ``make smoke``). With
-``ray_address`` (or ``RAY_ADDRESS``) prepare, stats, train, evaluate and transfer are submitted to that cluster as
+**Where the heavy stages run.** Without a Ray address (or with ``local``, Ray's name for it), in this process on a
+local Ray (as ``make smoke``). With ``ray_address`` (or ``RAY_ADDRESS``) prepare, stats, train, evaluate and
+transfer are submitted to that cluster as
 **Ray jobs** running the CLI (``python -m alexnet.cli prepare imagenet ...``, ``python -m alexnet.train ...``) with
 the repository as ``working_dir``; their logs stream into the task's log and a failed or stopped job fails the stage
 with the tail of its logs. The address may be the dashboard (``http://head:8265``), the GCS (``head:6379``) or a
@@ -443,6 +444,10 @@ def evaluate(checkpoint: str, data_uri: str, *, crops: int, batch_size: int, lim
              ray_address: str | None, job_env: dict[str, str] | None = None, gpus: float = 0) -> dict[str, Any]:
     """``evaluate_checkpoint``: top-1/top-5 error on the validation split, centre crop or 10 crops."""
     if ray_address:
+        from pipelines.rayutil import check_resources
+
+        # the job asks for a GPU when training used them (train.use_gpu): say so if the cluster has none free
+        check_resources("train", num_workers=1, cpus_per_worker=1, use_gpu=bool(gpus), address=ray_address)
         argv = ["-m", "alexnet.cli", "evaluate", "--checkpoint", checkpoint, "--data", data_uri,
                 "--crops", str(crops), "--batch-size", str(batch_size), "--no-tracking"]
         logs = run_ray_job(ray_address, f"evaluate-{crops}crop", argv + (["--limit", str(limit)] if limit else []),

@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 #: Values of ``--ray-address`` / ``RAY_ADDRESS`` that mean "start a local instance" (as in ``ray.init``).
 LOCAL_ADDRESSES = ("", "local")
+#: Where Ray's state API and job clients look for the dashboard before anything else.
+API_SERVER_VARIABLE = "RAY_API_SERVER_ADDRESS"
 
 
 class ResourceError(RuntimeError):
@@ -27,11 +29,34 @@ def cluster_address(address: str | None = None) -> str | None:
     return None if value in LOCAL_ADDRESSES else value
 
 
-def local_init_options(num_cpus: int | None = None) -> dict:
-    """``ray.init`` options of the local instance: a fresh one (never an existing cluster), with the dashboard on
-    127.0.0.1, because it serves the state API that Ray Train's placement-group cleaner polls (without it the
-    cleaner logs a warning every second and could never see a dead controller)."""
-    return {"address": "local", "num_cpus": num_cpus, "include_dashboard": True, "dashboard_host": "127.0.0.1"}
+def init_local(num_cpus: int | None = None, **options):
+    """Start a fresh local Ray instance (never an existing cluster) and return ``ray.init``'s context.
+
+    Its dashboard runs on 127.0.0.1, because it serves the state API that Ray Train's placement-group cleaner polls
+    (without it the cleaner logs a warning every second and could never see a dead controller). The cleaner runs in
+    a Ray worker, where the state API client has no address to go by (workers of a local instance get no
+    ``RAY_ADDRESS``): it takes whatever Ray it finds on the machine, and its thread dies when it finds several. So
+    the dashboard gets a free port chosen here, and Ray's own processes, and through them every worker, start with
+    its URL in ``RAY_API_SERVER_ADDRESS``, the variable that client reads first; this process's environment is
+    left as it was.
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    saved = os.environ.get(API_SERVER_VARIABLE)
+    os.environ[API_SERVER_VARIABLE] = f"http://127.0.0.1:{port}"
+    try:
+        return ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                        dashboard_port=port, **options)
+    finally:
+        if saved is None:
+            os.environ.pop(API_SERVER_VARIABLE, None)
+        else:
+            os.environ[API_SERVER_VARIABLE] = saved
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -50,7 +75,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         log.info("connecting to Ray at %s", cluster)
         ray.init(address=cluster, log_to_driver=True)
     else:
-        ray.init(**local_init_options(num_cpus), log_to_driver=True)
+        init_local(num_cpus, log_to_driver=True)
 
 
 def cpu_concurrency(tasks: int | None = None, *, cpus_per_task: float = 1.0) -> int:
@@ -86,16 +111,37 @@ def _describe(resources: dict) -> str:
     return f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"
 
 
+def _node_resources(address: str | None) -> list[dict]:
+    """The total resources of each alive node: of the Ray this process is connected to, or (``address``, a
+    dashboard URL as Ray jobs are submitted to) through the state API."""
+    import ray
+
+    if address is None:
+        return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    from ray.util.state import list_nodes
+
+    return [dict(n.resources_total) for n in list_nodes(address=address, filters=[("state", "=", "ALIVE")])]
+
+
 def check_resources(section: str, *, num_workers: int, cpus_per_worker: float, use_gpu: bool,
-                    can_grow: bool | None = None) -> None:
+                    can_grow: bool | None = None, address: str | None = None) -> None:
     """Fail fast when ``num_workers`` workers of ``cpus_per_worker`` CPUs (and one GPU each with ``use_gpu``) do not
     fit on the cluster's nodes and the cluster cannot grow; on a cluster that can, log that the run waits for
     nodes. ``section`` names the config keys in the message (``train``, ``transfer``). Ray would otherwise wait
-    forever, logging "No available node types can fulfill resource request" every few seconds."""
-    import ray
+    forever, logging "No available node types can fulfill resource request" every few seconds.
 
+    ``address`` checks a cluster this process is not connected to (the flow's Ray jobs) through its dashboard;
+    whether that one can grow is not known from outside, so there the wait is logged, not refused."""
     need = {"CPU": float(cpus_per_worker)} | ({"GPU": 1.0} if use_gpu else {})
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if address is not None:
+        can_grow = True if can_grow is None else can_grow
+        try:
+            nodes = _node_resources(address)
+        except Exception as e:  # noqa: BLE001 - a check must not break a run the cluster may well be able to do
+            log.info("could not read the resources of the Ray cluster at %s (%s); not checked", address, e)
+            return
+    else:
+        nodes = _node_resources(None)
 
     def room(node: dict) -> int:  # workers that fit on one node (a worker's resources are never split)
         counts = [int(node.get(k, 0) // v) for k, v in need.items() if v > 0]

@@ -50,7 +50,7 @@ def test_a_stale_ray_current_cluster_record_does_not_capture_a_call_without_addr
 
 
 @pytest.mark.slow
-def test_a_request_the_local_ray_cannot_meet_fails_at_once_naming_the_keys(ray_local, caplog):
+def test_a_request_the_local_ray_cannot_meet_fails_at_once_naming_the_keys(ray_local, ray_local_session, caplog):
     assert can_add_nodes() is False  # a local instance has no autoscaling config
     check_resources("train", num_workers=2, cpus_per_worker=1, use_gpu=False)  # fits the 2 CPUs
     with pytest.raises(ResourceError) as e:
@@ -65,6 +65,13 @@ def test_a_request_the_local_ray_cannot_meet_fails_at_once_naming_the_keys(ray_l
     with caplog.at_level(logging.WARNING, logger="pipelines.rayutil"):  # a cluster that can grow: the run waits
         check_resources("train", num_workers=1, cpus_per_worker=8, use_gpu=True, can_grow=True)
     assert "waiting for the autoscaler" in caplog.text and "train.use_gpu" in caplog.text
+
+    if "dashboard" in ray_local_session:  # a cluster reached through its dashboard, as the flow's Ray jobs are
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipelines.rayutil"):
+            check_resources("train", num_workers=1, cpus_per_worker=1, use_gpu=True,
+                            address=ray_local_session["dashboard"])
+        assert "train.use_gpu=true" in caplog.text and "2 CPUs, 0 GPUs" in caplog.text, caplog.text
 
 
 @pytest.mark.slow

@@ -129,20 +129,22 @@ def test_two_workers_learn_and_log_to_mlflow(trained_imagenet):
 
 
 @pytest.mark.slow
-def test_training_leaves_no_placement_group_and_its_cleaner_sees_the_state_api(trained_imagenet, ray_local):
+def test_training_leaves_no_placement_group_and_its_cleaner_sees_the_state_api(trained_imagenet, ray_local,
+                                                                               ray_local_session):
     """Ray Train V2's placement-group cleaner polls the state API (served by the dashboard): on a local Ray without
     it, it logged "Failed to query Ray Train Controller actor state" every second and could never see a dead
-    controller. The local Ray has it; the run's placement group is gone after the run."""
-    from tests.conftest import RAY_SESSION
-
+    controller; with several Rays on the machine its client did not know which to ask, and its thread died. The
+    local Ray serves it and tells the workers where; the run's placement group is gone after the run."""
     assert trained_imagenet["result"].checkpoint
     groups = ray_local.util.placement_group_table()
     assert groups and all(g["state"] == "REMOVED" for g in groups.values()), groups
-    if "dir" not in RAY_SESSION:
+    if "dir" not in ray_local_session:
         pytest.skip("Ray was started outside the ray_local fixture: its logs are elsewhere")
-    logs = Path(RAY_SESSION["dir"]) / "logs"
+    logs = Path(ray_local_session["dir"]) / "logs"
+    # neither the warning nor the cleaner's thread dying (its state API client finding several Rays on the machine)
+    signs = (b"Failed to query Ray Train Controller actor state", b"Exception in thread PlacementGroupCleanerMonitor")
     noisy = [p.name for p in logs.rglob("*") if p.is_file() and p.suffix in (".out", ".err", ".log")
-             and b"Failed to query Ray Train Controller actor state" in p.read_bytes()]
+             and any(sign in p.read_bytes() for sign in signs)]
     assert not noisy, noisy
 
 
