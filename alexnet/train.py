@@ -210,7 +210,9 @@ def evaluate(
 
 def errors(sums: dict[str, float]) -> dict[str, float]:
     n = max(1, sums["seen"])
-    return {"loss": sums["loss_sum"] / n, "top1_err": 1 - sums["top1"] / n, "top5_err": 1 - sums["top5"] / n}
+    # misses / n, as the ILSVRC devkit's eval_flat.m (1 - hits / n can differ in the last bit)
+    return {"loss": sums["loss_sum"] / n, "top1_err": (sums["seen"] - sums["top1"]) / n,
+            "top5_err": (sums["seen"] - sums["top5"]) / n}
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------
@@ -565,7 +567,7 @@ def run_training(cfg: Config, *, ray_address: str | None = None, tracking: bool 
 
     from alexnet.tracking import git_commit, resolve_tracking_uri
     from pipelines import prepare, storage
-    from pipelines.rayutil import ensure_ray
+    from pipelines.rayutil import check_resources, ensure_ray
 
     if not cfg.data.data:
         raise ValueError("no dataset: pass --data URI (a folder or s3:// prefix written by `alexnet prepare`)")
@@ -577,6 +579,8 @@ def run_training(cfg: Config, *, ray_address: str | None = None, tracking: bool 
     if resumes:
         log.info("train.run_name=%s resumes from %s", cfg.train.run_name, resumes)
     ensure_ray(ray_address)
+    check_resources("train", num_workers=cfg.train.num_workers, cpus_per_worker=cfg.train.cpus_per_worker,
+                    use_gpu=cfg.train.use_gpu)
 
     storage_path, storage_filesystem = ray_storage(cfg.train.storage_path)
     loop_config: dict[str, Any] = {"config": cfg.to_dict(), "parent_run_id": parent_run_id,

@@ -57,6 +57,8 @@ from alexnet.results import markdown, transfer_table
 log = logging.getLogger(__name__)
 
 SCORES_FILE = "scores.npz"
+#: MLflow artifact folder of every transfer run's per-image test scores (``per_image_scores``)
+TEST_SCORES_DIR = "test_scores"
 FINETUNE_CHECKPOINT = "finetune.pt"
 
 # --- what a prepared transfer dataset holds ---------------------------------------------------------------------
@@ -73,6 +75,8 @@ class DatasetIndex:
     splits: np.ndarray  # str
     labels: np.ndarray  # int [N] (multi-class) or int8 [N, C] multi-hot (VOC)
     difficult: np.ndarray | None  # bool [N, C] (VOC) or None
+    #: class folders of the source without images (manifest ``empty_classes``: Caltech-101), hence no class
+    empty_classes: tuple[str, ...] = ()
 
     @property
     def multilabel(self) -> bool:
@@ -127,7 +131,8 @@ def load_index(data: str) -> DatasetIndex:
         labels, difficult = table["label"].to_numpy().astype(np.int64), None
     return DatasetIndex(dataset, int(manifest["num_classes"]), [c["wnid"] for c in classes],
                         np.array(keys, dtype=object),
-                        np.array(table["split"].to_pylist(), dtype=object), labels, difficult)
+                        np.array(table["split"].to_pylist(), dtype=object), labels, difficult,
+                        tuple(manifest.get("empty_classes", ())))
 
 
 # --- protocols ----------------------------------------------------------------------------------------------------
@@ -146,17 +151,29 @@ class ProtocolSplit:
 
 
 def caltech_splits(labels: np.ndarray, *, train_per_class: int = 30, test_per_class: int = 50,
-                   val_per_class: int = 5, num_splits: int = 5, seed: int = 0) -> list[ProtocolSplit]:
+                   val_per_class: int = 5, num_splits: int = 5, seed: int = 0,
+                   class_names: list[str] | None = None, empty_classes: tuple[str, ...] = ()
+                   ) -> list[ProtocolSplit]:
     """The Caltech-101 protocol: per class, ``train_per_class`` random training images and, of the rest, at most
     ``test_per_class`` test images; ``num_splits`` splits, each seeded by ``(seed, split)``. ``val_per_class`` of
-    each class's training images are the validation part used to choose the classifier's regularisation."""
+    each class's training images are the validation part used to choose the classifier's regularisation.
+
+    Every class (``class_names``: its category folder) and every category folder left empty in the source
+    (``empty_classes``) needs ``train_per_class + 1`` images, or the class count would silently change."""
+    from pipelines.formats import CALTECH101_ROOT
+
     if not 0 <= val_per_class < train_per_class:
         raise ValueError(f"need 0 <= val_per_class < train_per_class, got {val_per_class} and {train_per_class}")
+    names = class_names or [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
     by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
-    short = {int(c): len(rows) for c, rows in by_class.items() if len(rows) <= train_per_class}
+    counts = {f"{CALTECH101_ROOT}/{names[c]}": len(by_class.get(c, ())) for c in range(len(names))}
+    short = {folder: n for folder, n in ({f: 0 for f in empty_classes} | counts).items() if n <= train_per_class}
     if short:
-        raise ValueError(f"classes {short} have no more than {train_per_class} images: the Caltech-101 protocol "
-                         f"needs {train_per_class} for training and at least one for testing")
+        listed = ", ".join(f"{folder} ({n} images)" for folder, n in sorted(short.items()))
+        raise ValueError(f"category folder{'s' if len(short) > 1 else ''} {listed}: the Caltech-101 protocol needs "
+                         f"at least {train_per_class + 1} images per category ({train_per_class} to train, "
+                         "transfer.caltech_train_per_class, and one to test); restore the folder's images from the "
+                         "official archive or lower transfer.caltech_train_per_class")
     splits = []
     for s in range(num_splits):
         rng = np.random.default_rng([seed, s])
@@ -177,7 +194,8 @@ def protocol_splits(index: DatasetIndex, cfg: TransferConfig) -> list[ProtocolSp
     if index.dataset == "caltech101":
         return caltech_splits(index.labels, train_per_class=cfg.caltech_train_per_class,
                               test_per_class=cfg.caltech_test_per_class, val_per_class=cfg.caltech_val_per_class,
-                              num_splits=cfg.caltech_splits, seed=cfg.seed)
+                              num_splits=cfg.caltech_splits, seed=cfg.seed, class_names=index.class_names,
+                              empty_classes=index.empty_classes)
     fit, val, test = index.rows("train"), index.rows("val"), index.rows("test")
     if not (len(fit) and len(val) and len(test)):
         raise ValueError(f"{index.dataset}: expected train, val and test splits with rows, got "
@@ -195,8 +213,10 @@ def mean_per_class_accuracy(labels: np.ndarray, predictions: np.ndarray) -> tupl
 
 
 def _precision_recall(scores: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Precision and recall down the ranking of ``scores`` (descending); ``gt`` 1 positive, -1 negative, 0 ignored
-    (VOC "difficult"), as ``VOCevalcls.m`` does."""
+    """Precision and recall down the ranking of ``scores`` (descending, ties in input order as MATLAB's stable
+    ``sort``); ``gt`` 1 positive, -1 negative, 0 ignored (VOC "difficult"), as ``VOCevalcls.m`` does. The devkit
+    keeps difficult examples in the ranking, counted as neither: dropping them gives the same curve, without the
+    devkit's 0/0 precisions at its head."""
     keep = gt != 0
     scores, gt = scores[keep], gt[keep]
     order = np.argsort(-scores, kind="stable")
@@ -206,23 +226,41 @@ def _precision_recall(scores: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, n
     return tp / np.maximum(tp + fp, np.finfo(np.float64).eps), tp / npos
 
 
+def matlab_colon(start: float, step: float, stop: float) -> np.ndarray:
+    """MATLAB's ``start:step:stop``: the lower half ``start + k*step``, the upper half ``stop - (n-k)*step``, so
+    ``0:0.1:1`` holds exactly 0.6 and 0.7 (``np.linspace(0, 1, 11)`` and ``np.arange(0, 1.1, 0.1)`` hold
+    0.6000000000000001 and 0.7000000000000001: a recall of exactly 3/5 or 7/10 would then not count)."""
+    n = int(round((stop - start) / step))
+    k = np.arange(n + 1)
+    return np.where(k <= n / 2, start + k * step, stop - (n - k) * step)
+
+
+#: ``VOCevalcls.m``: ``for t=0:0.1:1``
+VOC07_RECALL_THRESHOLDS = matlab_colon(0.0, 0.1, 1.0)
+
+
 def voc07_ap(scores: np.ndarray, gt: np.ndarray) -> float:
-    """The VOC2007 11-point interpolated average precision: the mean, over recall thresholds 0, 0.1, ..., 1, of the
-    highest precision at a recall at least the threshold (0 where none is reached)."""
+    """The VOC2007 11-point interpolated average precision of ``VOCevalcls.m``, bit for bit: over the recall
+    thresholds ``0:0.1:1``, ``ap = ap + p/11`` with ``p`` the highest precision at a recall at least the threshold
+    (0 where none is reached)."""
     precision, recall = _precision_recall(np.asarray(scores, np.float64), np.asarray(gt))
-    return float(sum((precision[recall >= t].max() if (recall >= t).any() else 0.0) for t in np.linspace(0, 1, 11))
-                 / 11)
+    ap = 0.0
+    for t in VOC07_RECALL_THRESHOLDS:
+        reached = recall >= t
+        ap += (float(precision[reached].max()) if reached.any() else 0.0) / 11
+    return ap
 
 
 def auc_ap(scores: np.ndarray, gt: np.ndarray) -> float:
-    """Area under the interpolated precision-recall curve (VOC2010 onwards): precision made monotone, then summed
-    over the recall steps."""
+    """Area under the interpolated precision-recall curve, ``VOCap.m`` (VOC2010 onwards): ``mrec=[0;rec;1]``,
+    ``mpre=[0;prec;0]`` made monotone from the end, summed (in order) over the points where recall changes."""
     precision, recall = _precision_recall(np.asarray(scores, np.float64), np.asarray(gt))
     mrec = np.concatenate([[0.0], recall, [1.0]])
     mpre = np.concatenate([[0.0], precision, [0.0]])
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]
     steps = np.flatnonzero(mrec[1:] != mrec[:-1])
-    return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+    terms = (mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]
+    return float(np.cumsum(terms)[-1]) if len(terms) else 0.0  # MATLAB's sum: left to right, not pairwise
 
 
 def voc_gt(labels: np.ndarray, difficult: np.ndarray) -> np.ndarray:
@@ -472,7 +510,7 @@ def linear_probe(index: DatasetIndex, features: np.ndarray, split: ProtocolSplit
     search = {c: score_predictions(index, split.val, fit(c, split.fit, split.val))["value"] for c in cfg.c_grid}
     best_c = max(cfg.c_grid, key=lambda c: (search[c], -c))  # ties: the stronger regularisation
     scores = fit(best_c, split.train, split.test)
-    return {**score_predictions(index, split.test, scores), "C": best_c,
+    return {**score_predictions(index, split.test, scores), "C": best_c, "scores": scores,
             "val_search": {str(c): v for c, v in search.items()}, "train_images": len(split.train),
             "test_images": len(split.test)}
 
@@ -659,7 +697,7 @@ def finetune(index: DatasetIndex, data: str, checkpoint: str, split: ProtocolSpl
         history = safe_torch_load(Path(d) / FINETUNE_CHECKPOINT, name=f"{uri}/{FINETUNE_CHECKPOINT}")["history"]
     if keys.tolist() != index.keys[split.test].tolist():
         raise RuntimeError(f"{uri}: its test predictions are for other images; delete the run folder and rerun")
-    return {**score_predictions(index, split.test, scores), "checkpoint": uri, "history": history,
+    return {**score_predictions(index, split.test, scores), "scores": scores, "checkpoint": uri, "history": history,
             "train_images": len(split.train), "test_images": len(split.test)}
 
 
@@ -686,7 +724,7 @@ def run_transfer(dataset: str, data: str, checkpoint: str, *, method: str, confi
     under the dataset's standard protocol; log an MLflow run (a child of ``parent_run_id`` when given) with the
     results beside the literature. Returns the results."""
     from pipelines import prepare, storage
-    from pipelines.rayutil import ensure_ray
+    from pipelines.rayutil import check_resources, ensure_ray
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
@@ -700,10 +738,14 @@ def run_transfer(dataset: str, data: str, checkpoint: str, *, method: str, confi
         raise ValueError(f"{data} holds {index.dataset}, not {dataset}")
     splits = protocol_splits(index, config)
     ensure_ray(ray_address)
+    if method == "finetune":
+        check_resources("transfer", num_workers=config.num_workers, cpus_per_worker=config.cpus_per_worker,
+                        use_gpu=config.use_gpu)
     test_rows = splits[0].test
     chance = chance_level(index, test_rows)
     identity = hashlib.sha256(json.dumps([checkpoint, prepare.manifest_hash(data), asdict(config)],
                                          sort_keys=True).encode()).hexdigest()[:10]
+    test_scores: dict[str, dict[str, np.ndarray]] = {}  # per evaluation: what the devkit needs to recompute it
     if method == "probe":
         features = extract_features(data, checkpoint, keys=index.keys, layers=list(config.probe_layers),
                                     batch_size=config.feature_batch_size, use_gpu=config.use_gpu,
@@ -711,6 +753,8 @@ def run_transfer(dataset: str, data: str, checkpoint: str, *, method: str, confi
         layers = {}
         for layer in config.probe_layers:
             per_split = [{"split": s.name, **linear_probe(index, features[layer], s, config)} for s in splits]
+            for s, r in zip(splits, per_split):
+                test_scores[f"{layer}-{s.name}"] = per_image_scores(index, s.test, r.pop("scores"))
             layers[layer] = _summarise(dataset, method, per_split, chance, layer=layer)
             log.info("%s probe %s: %s %.4f", dataset, layer, layers[layer]["metric"], layers[layer]["value"])
         result = {**layers[config.probe_layers[0]], "layers": layers}
@@ -719,6 +763,8 @@ def run_transfer(dataset: str, data: str, checkpoint: str, *, method: str, confi
         per_split = [{"split": s.name, **finetune(index, data, checkpoint, s, config,
                                                    run_name=f"transfer-{dataset}-{s.name}-{identity}",
                                                    imagenet_stats=imagenet_stats)} for s in chosen]
+        for s, r in zip(chosen, per_split):
+            test_scores[f"finetune-{s.name}"] = per_image_scores(index, s.test, r.pop("scores"))
         result = _summarise(dataset, method, per_split, chance, layer="all (fine-tuned)")
         log.info("%s finetune: %s %.4f", dataset, result["metric"], result["value"])
     result.update(checkpoint=checkpoint, data=data, data_manifest_sha256=prepare.manifest_hash(data),
@@ -727,17 +773,31 @@ def run_transfer(dataset: str, data: str, checkpoint: str, *, method: str, confi
                   elapsed_s=round(time.time() - started, 2), config=asdict(config))
     if tracking:
         result["mlflow_run_id"] = log_transfer(result, tracking_uri=tracking_uri, experiment=experiment,
-                                               parent_run_id=parent_run_id, tags=tags)
+                                               parent_run_id=parent_run_id, tags=tags, test_scores=test_scores)
     return result
+
+
+def per_image_scores(index: DatasetIndex, rows: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
+    """One evaluation's test predictions as saved in ``test_scores/<layer|finetune>-<split>.npz``: ``keys`` (the
+    images' keys, as in the official file lists), ``scores`` ``[N, C]``, ``labels`` (class index; VOC: multi-hot
+    ``[N, C]``), ``difficult`` (VOC: ``[N, C]``, true where only difficult instances; else all false) and
+    ``classes`` (column order). VOC's ``VOCevalcls.m`` ground truth is ``gt = 2*labels - 1`` with 0 where
+    ``difficult``."""
+    labels = index.labels[rows]
+    difficult = index.difficult[rows] if index.difficult is not None else np.zeros(len(rows), bool)
+    return {"keys": index.keys[rows].astype(str), "scores": np.asarray(scores, np.float64), "labels": labels,
+            "difficult": difficult, "classes": np.array(index.class_names, dtype=str)}
 
 
 # --- tracking -----------------------------------------------------------------------------------------------------
 
 
 def log_transfer(result: dict[str, Any], *, tracking_uri: str | None = None, experiment: str = "alexnet",
-                 parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                 test_scores: dict[str, dict[str, np.ndarray]] | None = None) -> str:
     """One MLflow run ``transfer-<dataset>-<method>``: config, headline and per-split metrics, per-class numbers,
-    and the results table (json, md, MLflow table) beside the literature. Returns the run id."""
+    the results table (json, md, MLflow table) beside the literature, and the per-image test scores of every
+    evaluation (``test_scores/<name>.npz``, see ``per_image_scores``). Returns the run id."""
     from alexnet.tracking import RunLogger, git_commit, resolve_tracking_uri
 
     run = RunLogger(resolve_tracking_uri(tracking_uri), experiment,
@@ -766,6 +826,9 @@ def log_transfer(result: dict[str, Any], *, tracking_uri: str | None = None, exp
         path = Path(tmp) / "transfer_results.md"
         path.write_text(markdown(table))
         run.log_file(path)
+        for name, arrays in (test_scores or {}).items():
+            np.savez(Path(tmp) / f"{name}.npz", **arrays)
+            run.log_file(Path(tmp) / f"{name}.npz", TEST_SCORES_DIR)
     run._client.log_table(run.run_id, data=table, artifact_file="transfer_table.json")
     run.end()
     return run.run_id

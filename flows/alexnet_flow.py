@@ -36,8 +36,9 @@ flow run id, the git commit, the data manifest sha256 and the stats sha256; one 
 (centre crop and 10 crops next to the paper's 1-CNN numbers) as ``results.json``, ``results.md``, ``results.csv``
 and an MLflow table, and its errors as metrics of the parent.
 
-**Where the heavy stages run.** Without a Ray address, in this process on a local Ray (as ``make smoke``). With
-``ray_address`` (or ``RAY_ADDRESS``) prepare, stats, train, evaluate and transfer are submitted to that cluster as
+**Where the heavy stages run.** Without a Ray address (or with ``local``, Ray's name for it), in this process on a
+local Ray (as ``make smoke``). With ``ray_address`` (or ``RAY_ADDRESS``) prepare, stats, train, evaluate and
+transfer are submitted to that cluster as
 **Ray jobs** running the CLI (``python -m alexnet.cli prepare imagenet ...``, ``python -m alexnet.train ...``) with
 the repository as ``working_dir``; their logs stream into the task's log and a failed or stopped job fails the stage
 with the tail of its logs. The address may be the dashboard (``http://head:8265``), the GCS (``head:6379``) or a
@@ -76,6 +77,7 @@ from pydantic import BaseModel, Field
 
 from alexnet.results import PAPER_VAL_ERRORS, csv_text, imagenet_table, markdown
 from pipelines.redact import has_secret, redact_handlers, redact_text, redact_uri
+from pipelines.rayutil import cluster_address
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -457,6 +459,10 @@ def evaluate(checkpoint: str, data_uri: str, *, crops: int, batch_size: int, lim
              ray_address: str | None, job_env: dict[str, str] | None = None, gpus: float = 0) -> dict[str, Any]:
     """``evaluate_checkpoint``: top-1/top-5 error on the validation split, centre crop or 10 crops."""
     if ray_address:
+        from pipelines.rayutil import check_resources
+
+        # the job asks for a GPU when training used them (train.use_gpu): say so if the cluster has none free
+        check_resources("train", num_workers=1, cpus_per_worker=1, use_gpu=bool(gpus), address=ray_address)
         argv = ["-m", "alexnet.cli", "evaluate", "--checkpoint", checkpoint, "--data", data_uri,
                 "--crops", str(crops), "--batch-size", str(batch_size), "--no-tracking"]
         logs = run_ray_job(ray_address, f"evaluate-{crops}crop", argv + (["--limit", str(limit)] if limit else []),
@@ -811,7 +817,8 @@ def alexnet_flow(
         crops: evaluations to run (1: centre crop, 10: the paper's ten crops).
         eval_batch_size: images per evaluation batch.
         eval_limit: evaluate only this many validation images (None: the whole split).
-        ray_address: a Ray cluster to submit the heavy stages to as Ray jobs (default ``RAY_ADDRESS``; none: local).
+        ray_address: a Ray cluster to submit the heavy stages to as Ray jobs (default ``RAY_ADDRESS``; none or
+            ``local``: a local Ray in this process).
         mlflow_tracking_uri: MLflow store (default: the preset's, ``MLFLOW_TRACKING_URI``, ``sqlite:///mlflow.db``).
         results_dir: folder for Prefect's persisted task results (the cache); default ``PREFECT_LOCAL_STORAGE_PATH``.
         refresh: stages to recompute even when cached (``["all"]`` for every one).
@@ -837,7 +844,7 @@ def alexnet_flow(
         raise ValueError(f"post_training must name stages of {sorted(POST_TRAINING_STAGES)} (not {unknown}); "
                          f"crops must be 1 and/or 10 (not {crops})")
     raw_uri, data_uri = storage.absolute(raw_uri), storage.absolute(data_uri)
-    ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    ray_address = cluster_address(ray_address)  # "local" (or nothing) is a local instance, as for ray.init
 
     # The config is resolved once, up front: a bad preset or override fails here, before any work.
     cfg = load_config(preset, [*overrides, f"data.data={data_uri}"])

@@ -90,6 +90,8 @@ class SourceIndex:
     #: several classes per image (``labels``), ``label`` being the first of them
     multi_label: bool = False
     label_convention: str = IMAGENET_LABELS
+    #: class folders of the source that hold no images and so are no class (Caltech-101), named in the manifest
+    empty_classes: tuple[str, ...] = ()
 
     def split(self, name: str) -> pa.Table:
         import pyarrow.compute as pc
@@ -175,10 +177,11 @@ def _check_member(archive: str, member: tarfile.TarInfo) -> None:
 
 
 def iter_tar(uri: str, *, start: int = 0, length: int | None = None, headers_only: bool = False,
-             archive: str | None = None):
+             archive: str | None = None, directories: list[str] | None = None):
     """Yield ``(name, absolute_offset, size)`` of the regular files of the tar at ``uri`` (or at a byte range of
     it, for a tar inside a tar), validating every member name. Errors name ``archive`` (default ``uri``): the
-    file the user has, where ``uri`` is a decompressed copy of it."""
+    file the user has, where ``uri`` is a decompressed copy of it. Directory members' names are appended to
+    ``directories`` when given (an empty folder has no file to show it)."""
     archive = archive or uri
     fs, path = storage.filesystem(uri)
     with fs.open_input_file(path) as f:
@@ -190,6 +193,8 @@ def iter_tar(uri: str, *, start: int = 0, length: int | None = None, headers_onl
                     _check_member(archive, member)
                     if member.isfile():
                         yield member.name, start + member.offset_data, member.size
+                    elif member.isdir() and directories is not None:
+                        directories.append(member.name)
                 # tarfile ends its iteration quietly at a damaged or cut header after the first one: the archive
                 # must go on with its end-of-archive marker (a zero block) exactly there
                 reader.seek(tar.offset)

@@ -26,6 +26,7 @@ Memory is bounded by the shards in flight (two per CPU, :data:`TASKS_PER_CPU`), 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -139,8 +140,12 @@ def process_shard(task: dict[str, Any]) -> dict[str, Any]:
     files: dict[str, Any] = {}
     try:
         for i, (key, label, wnid, uri, offset, size) in enumerate(zip(*(task[c] for c in _TASK_COLUMNS))):
-            # inside an archive, name the byte range too, so a reject can be found with `dd`
-            source = f"{uri} [bytes {offset}..{offset + size})" if uri.endswith(".tar") else uri
+            # inside an archive, name the byte range too, so a reject can be found with `dd`; rows read from a
+            # decompressed copy (Caltech, Flowers) name the archive the user gave and the member instead
+            if "origin" in task:
+                source = task["origin"][i]
+            else:
+                source = f"{uri} [bytes {offset}..{offset + size})" if uri.endswith(".tar") else uri
             try:
                 data = ingest.read_range(uri, offset, size, files) if size else b""
                 image, (width, height) = imaging.preprocess(data, recipe)
@@ -321,7 +326,8 @@ def _prepare_locked(dataset: str, source: str, out: str, *, recipe: ImageRecipe,
     num_shards = {s: math.ceil(t.num_rows / shape.shard_rows) for s, t in plan.items()}
     recipe_json = json.dumps(dataclasses.asdict(recipe))
     schema = shard_schema(index.extra_fields)
-    columns = (*_TASK_COLUMNS, *(f.name for f in index.extra_fields))
+    columns = (*_TASK_COLUMNS, *(f.name for f in index.extra_fields),
+               *(("origin",) if "origin" in index.table.column_names else ()))
     for split, table in plan.items():
         for shard in range(num_shards[split]):
             if (split, shard) in done:
@@ -351,6 +357,10 @@ def _prepare_locked(dataset: str, source: str, out: str, *, recipe: ImageRecipe,
     missing = [(s, i) for s in plan for i in range(num_shards[s]) if (s, i) not in records]
     if missing:  # pragma: no cover - a task failure raises above
         raise PrepareError(f"{len(missing)} shards did not finish (first: {missing[0]}); rerun to resume")
+    if not storage.is_s3(out):  # every shard is in place: the temporaries' folders go too
+        for split in plan:
+            with contextlib.suppress(OSError):  # absent, or not empty (another writer's file)
+                os.rmdir(storage.filesystem(storage.join(out, split, ".tmp"))[1])
     manifest = _manifest(index, plan, records, num_shards, {**params, "max_bad_fraction": max_bad_fraction}, plan_hash,
                          recipe, schema)
     rejects = manifest["rejects"]
@@ -438,7 +448,7 @@ def _manifest(index, plan, records, num_shards, params, plan_hash, recipe: Image
         "splits": splits,
         "rejects": rejects,
         "plan_hash": plan_hash,
-    }
+    } | ({"empty_classes": list(index.empty_classes)} if index.empty_classes else {})
 
 
 def load_manifest(data: str) -> dict[str, Any]:

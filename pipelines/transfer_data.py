@@ -165,6 +165,7 @@ def _relative(name: str, root: str) -> str | None:
 def index_caltech101(source: str, *, cache: str | None = None) -> SourceIndex:
     """Index ``101_ObjectCategories.tar.gz`` (or ``caltech-101.zip``) at ``source``: split ``all``."""
     tgz, wrapped = storage.join(source, formats.CALTECH101_TGZ), storage.join(source, formats.CALTECH101_ZIP)
+    member = None
     if storage.exists(tgz):
         archive, tar = tgz, decompressed_tar(tgz, cache)
     elif storage.exists(wrapped):
@@ -173,28 +174,49 @@ def index_caltech101(source: str, *, cache: str | None = None) -> SourceIndex:
     else:
         raise IngestError(f"{source}: neither {formats.CALTECH101_TGZ} nor {formats.CALTECH101_ZIP} found "
                           "(`alexnet download caltech101` fetches one)")
-    found = []
-    for name, offset, size in ingest.iter_tar(tar, archive=archive):
+    found, folders, members = [], [], []
+    for name, offset, size in ingest.iter_tar(tar, archive=archive, directories=folders):
         rel = _relative(name, formats.CALTECH101_ROOT)
         if rel is None or not ingest.is_image(rel):
+            if rel is not None and "/" in rel:
+                folders.append(posixpath.dirname(name))  # a folder holding only other files
             continue
         parts = rel.split("/")
         if len(parts) != 2:
             raise IngestError(f"{archive}: {name!r} is not {formats.CALTECH101_ROOT}/<category>/<image>")
         if parts[0] != formats.CALTECH101_BACKGROUND:
             found.append((parts[0], ingest.image_key(parts[1]), offset, size))
+            members.append(f"{_origin(archive, member)}: {name}")
     categories = sorted({c for c, *_ in found})
     if not categories:
         raise IngestError(f"{archive}: no images below {formats.CALTECH101_ROOT}/<category>/")
+    # An empty category folder is no class (as torchvision's ImageFolder would make it): say so, loudly.
+    in_root = {_relative(f.rstrip("/"), formats.CALTECH101_ROOT) for f in folders}
+    empty = sorted({c for c in in_root if c and "/" not in c} - set(categories) - {formats.CALTECH101_BACKGROUND})
+    for c in empty:
+        log.warning("%s: category folder %s/%s holds no images; it is left out of the %d classes", archive,
+                    formats.CALTECH101_ROOT, c, len(categories))
     labels = {c: i for i, c in enumerate(categories)}
     rows = [("all", f"{c}/{key}", c, labels[c], tar, off, size) for c, key, off, size in found]
     return SourceIndex(
         posixpath.basename(archive), source, categories, {c: c for c in categories},
-        ingest.concat_index([ingest.rows_table(rows)]), {archive: ingest.file_size(archive)},
+        _with_origins(ingest.rows_table(rows), members), {archive: ingest.file_size(archive)},
         dataset="caltech101", splits=("all",),
         label_convention=f"index of the category folder in sorted folder order ({formats.CALTECH101_BACKGROUND} "
         "excluded)",
+        empty_classes=tuple(f"{formats.CALTECH101_ROOT}/{c}" for c in empty),
     )
+
+
+def _origin(archive: str, member: str | None) -> str:
+    """The file the user gave, as rejects name it: ``archive``, or ``archive (member)`` for a tar.gz in a zip."""
+    return f"{archive} ({member})" if member else archive
+
+
+def _with_origins(table: pa.Table, origins: list[str]) -> pa.Table:
+    """The index sorted by split and key, with the ``origin`` column (``<archive>: <member>``): rejects name the
+    archive the user gave and the member path, not the decompressed copy that the rows' ``uri`` points to."""
+    return ingest.concat_index([table.append_column("origin", pa.array(origins, pa.string()))])
 
 
 # --- Oxford Flowers-102 ----------------------------------------------------------------------------------------
@@ -231,7 +253,7 @@ def index_flowers102(source: str, *, cache: str | None = None) -> SourceIndex:
             split_of[number] = split
 
     tar = decompressed_tar(tgz, cache)
-    rows, seen = [], set()
+    rows, seen, members = [], set(), []
     for name, offset, size in ingest.iter_tar(tar, archive=tgz):
         if not ingest.is_image(name):
             continue
@@ -246,13 +268,14 @@ def index_flowers102(source: str, *, cache: str | None = None) -> SourceIndex:
         seen.add(number)
         label = official[number - 1]
         rows.append((split_of[number], key, f"{label:03d}", label - 1, tar, offset, size))
+        members.append(f"{tgz}: {name}")
     missing = sorted(set(split_of) - seen)
     if missing:
         raise IngestError(f"{tgz}: {len(missing)} images listed in {formats.FLOWERS102_SETID} are missing "
                           f"(first: image_{missing[0]:05d}.jpg)")
     wnids = [f"{label:03d}" for label in range(1, max(official) + 1)]
     return SourceIndex(
-        formats.FLOWERS102_TGZ, source, wnids, {}, ingest.concat_index([ingest.rows_table(rows)]),
+        formats.FLOWERS102_TGZ, source, wnids, {}, _with_origins(ingest.rows_table(rows), members),
         {u: ingest.file_size(u) for u in (tgz, labels_uri, setid_uri)},
         dataset="flowers102", splits=tuple(formats.FLOWERS102_SPLIT_KEYS),
         label_convention="official label (imagelabels.mat, 1-based) minus 1; wnid is the official label as %03d",
@@ -287,11 +310,17 @@ def index_voc2007(source: str, *, cache: str | None = None) -> SourceIndex:
 
     def lines(name: str) -> list[list[str]]:
         if name not in lists:
-            raise IngestError(f"{source}: no {formats.VOC2007_ROOT}/ImageSets/Main/{name}.txt in the VOC tars")
+            split = name.rsplit("_", 1)[-1]
+            tar = formats.VOC2007_TEST_TAR if split == "test" else formats.VOC2007_TRAINVAL_TAR
+            raise IngestError(
+                f"{source}: no {formats.VOC2007_ROOT}/ImageSets/Main/{name}.txt in the VOC tars: the {split} image "
+                f"sets come in the official {tar} (with ImageSets/Main/{split}.txt and <class>_{split}.txt); "
+                "supply that file (`alexnet download voc2007` fetches both tars)")
         return [line.split() for line in lists[name].splitlines() if line.strip()]
 
     rows, labels, difficult = [], [], []
     for split in formats.VOC2007_SPLITS:
+        lines(split)  # the split's own list first: its absence is the one to name
         flags = {}
         for c in formats.VOC_CLASSES:
             flags[c] = {fields[0]: int(fields[1]) for fields in lines(f"{c}_{split}")}

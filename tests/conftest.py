@@ -35,14 +35,31 @@ def node_s3_credentials():
             os.environ[k] = v
 
 
+#: The session folder of the Ray that ``ray_local`` started (its logs are under ``logs/``) and its dashboard URL.
+RAY_SESSION: dict[str, str] = {}
+
+
 @pytest.fixture(scope="session")
 def ray_local():
+    """The local Ray the pipeline starts (``pipelines.rayutil.init_local``: dashboard and state API on 127.0.0.1),
+    on 2 CPUs, its logs kept out of the test output."""
     import ray
 
+    from pipelines.rayutil import init_local
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        context = init_local(num_cpus=2, log_to_driver=False)
+        RAY_SESSION["dir"] = context.address_info["session_dir"]
+        RAY_SESSION["dashboard"] = f"http://{context.dashboard_url}"
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_local_session(ray_local) -> dict[str, str]:
+    """``dir`` (the session folder, logs under ``logs/``) and ``dashboard`` (URL) of the Ray ``ray_local`` started;
+    empty when it found Ray already running. (A fixture: tests importing ``tests.conftest`` get another module.)"""
+    return RAY_SESSION
 
 
 @pytest.fixture(scope="session")

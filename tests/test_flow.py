@@ -178,11 +178,13 @@ def test_prefect_yaml_declares_one_deployment_per_preset():
 
 @pytest.fixture(scope="module")
 def prefect_api():
-    """A temporary Prefect API (its own database) for the in-process flow runs of this module; local Ray only."""
+    """A temporary Prefect API (its own database) for the in-process flow runs of this module; local Ray only:
+    ``RAY_ADDRESS=local``, Ray's value for a local instance, which the flow must not take for a cluster to submit
+    Ray jobs to."""
     from prefect.testing.utilities import prefect_test_harness
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("RAY_ADDRESS", raising=False)
+        mp.setenv("RAY_ADDRESS", "local")
         mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the harness's server inherits it
         with prefect_test_harness(server_startup_timeout=120):
             yield

@@ -11,12 +11,14 @@ import torch
 from alexnet.config import TransferConfig, load_config
 from alexnet.results import transfer_table
 from alexnet.transfer import (
+    VOC07_RECALL_THRESHOLDS,
     DatasetIndex,
     auc_ap,
     caltech_splits,
     chance_level,
     fit_and_score,
     masked_bce,
+    matlab_colon,
     mean_per_class_accuracy,
     protocol_splits,
     replace_head,
@@ -49,8 +51,13 @@ def test_caltech_protocol_30_train_at_most_50_test_5_distinct_seeded_splits():
 
 def test_caltech_protocol_refuses_a_class_too_small_to_test():
     labels = np.array([0] * 40 + [1] * 30)
-    with pytest.raises(ValueError, match="classes {1: 30}"):
+    with pytest.raises(ValueError, match=r"category folder 101_ObjectCategories/1 \(30 images\).* at least 31"):
         caltech_splits(labels)
+    # an empty category folder of the source (manifest ``empty_classes``) is an error too, not a smaller protocol
+    with pytest.raises(ValueError, match=r"101_ObjectCategories/ferry \(0 images\)"):
+        caltech_splits(np.array([0] * 40), class_names=["accordion"], empty_classes=("101_ObjectCategories/ferry",))
+    assert len(caltech_splits(np.array([0] * 40), class_names=["accordion"], train_per_class=3, val_per_class=1,
+                              num_splits=1)) == 1
 
 
 def _index(dataset: str, splits: list[str], labels, difficult=None) -> DatasetIndex:
@@ -84,8 +91,61 @@ def test_voc07_11_point_ap_equals_a_hand_computation():
     assert auc_ap(scores, gt) == pytest.approx(1 / 3 + (2 / 3) * 0.75)
     # difficult examples change nothing wherever they rank
     assert voc07_ap(np.array([0.9, 0.8, 0.7, 0.99, 0.5]), gt) == pytest.approx(voc07_ap(scores, gt))
-    assert voc07_ap(np.array([3.0, 2.0, 1.0]), np.array([1, 1, -1])) == 1.0
+    # the devkit's ap=ap+p/11, eleven times p=1, is 1.0000000000000002
+    assert voc07_ap(np.array([3.0, 2.0, 1.0]), np.array([1, 1, -1])) == pytest.approx(1.0)
     assert voc07_ap(np.array([1.0, 2.0]), np.array([1, -1])) == pytest.approx((6 * 0.5) / 11 + 5 * 0.5 / 11)
+
+
+def _vocevalcls_ap(confidence: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    """A direct port of the devkits' ``VOCevalcls.m`` (VOC2007: 11-point; VOC2010+: ``VOCap.m``), line by line, with
+    MATLAB's semantics: stable sort, difficult (gt == 0) kept in the ranking as neither tp nor fp, 0/0 = NaN that
+    ``max`` ignores, the colon ``0:0.1:1`` written out as MATLAB builds it, sums left to right."""
+    si = np.argsort(-confidence, kind="stable")                      # [so,si]=sort(-out);
+    tp = np.cumsum(gt[si] > 0).astype(float)                         # tp=gt(si)>0; tp=cumsum(tp);
+    fp = np.cumsum(gt[si] < 0).astype(float)                         # fp=gt(si)<0; fp=cumsum(fp);
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rec = tp / np.sum(gt > 0)                                    # rec=tp/sum(gt>0);
+        prec = tp / (fp + tp)                                        # prec=tp./(fp+tp);
+    thresholds = [0.0, 0.1, 0.2, 3 * 0.1, 0.4, 0.5, 1 - 4 * 0.1, 1 - 3 * 0.1, 1 - 2 * 0.1, 1 - 0.1, 1.0]
+    ap11 = 0.0
+    for t in thresholds:                                             # for t=0:0.1:1
+        p = prec[rec >= t]                                           #   p=max(prec(rec>=t));
+        p = p[~np.isnan(p)]
+        ap11 = ap11 + (p.max() if len(p) else 0.0) / 11              #   if isempty(p) p=0; end; ap=ap+p/11;
+    mrec = np.concatenate([[0.0], rec, [1.0]])                       # VOCap: mrec=[0 ; rec ; 1];
+    mpre = np.concatenate([[0.0], prec, [0.0]])                      #        mpre=[0 ; prec ; 0];
+    for i in range(len(mpre) - 2, -1, -1):                           # for i=numel(mpre)-1:-1:1
+        mpre[i] = np.fmax(mpre[i], mpre[i + 1])                      #   mpre(i)=max(mpre(i),mpre(i+1));
+    ap = 0.0
+    for i in np.flatnonzero(mrec[1:] != mrec[:-1]) + 1:              # i=find(mrec(2:end)~=mrec(1:end-1))+1;
+        ap = ap + (mrec[i] - mrec[i - 1]) * mpre[i]                  # ap=sum((mrec(i)-mrec(i-1)).*mpre(i));
+    return float(ap11), float(ap)
+
+
+def test_voc07_ap_uses_matlabs_exact_recall_thresholds():
+    # ranked + + + - - + + (5 positives): recall is exactly 3/5 = 0.6 at precision 1, which the devkit's 0:0.1:1
+    # counts (np.linspace(0, 1, 11) has 0.6000000000000001 and gave 0.8701)
+    scores = np.arange(7, 0, -1, dtype=float)
+    gt = np.array([1, 1, 1, -1, -1, 1, 1])
+    assert round(voc07_ap(scores, gt), 4) == 0.8961
+    assert voc07_ap(scores, gt) == _vocevalcls_ap(scores, gt)[0]
+    assert VOC07_RECALL_THRESHOLDS[6] == 0.6 and VOC07_RECALL_THRESHOLDS[7] == 0.7
+    assert VOC07_RECALL_THRESHOLDS[3] == 3 * 0.1 != 0.3  # MATLAB's lower half is k * step
+    assert matlab_colon(0.0, 0.1, 1.0).tolist() == VOC07_RECALL_THRESHOLDS.tolist()
+
+
+def test_voc_ap_equals_a_port_of_the_devkit_bit_for_bit_on_random_rankings():
+    rng = np.random.default_rng(2007)
+    for trial in range(1500):
+        n = int(rng.integers(1, 40))
+        gt = rng.choice([-1, 0, 1], size=n, p=[0.5, 0.15, 0.35])
+        # coarse scores: many ties, which both must break by input order
+        scores = np.round(rng.normal(size=n), int(rng.integers(0, 3)))
+        ap11, ap = _vocevalcls_ap(scores, gt)
+        if not (gt > 0).any():
+            ap11 = ap = 0.0  # the devkit divides by zero positives (NaN recall); this project scores 0
+        assert voc07_ap(scores, gt) == ap11, (trial, scores.tolist(), gt.tolist())
+        assert auc_ap(scores, gt) == ap, (trial, scores.tolist(), gt.tolist())
 
 
 def test_voc_ground_truth_and_per_class_scores():
@@ -95,7 +155,7 @@ def test_voc_ground_truth_and_per_class_scores():
     index = _index("voc2007", ["test"] * 4, labels, difficult)
     rows = np.arange(4)
     perfect = score_predictions(index, rows, labels.astype(float) + 0.1 * np.arange(4)[:, None])
-    assert perfect["metric"] == "map_11point" and perfect["value"] == 1.0 and perfect["map_auc"] == 1.0
+    assert perfect["metric"] == "map_11point" and perfect["value"] == pytest.approx(1.0) and perfect["map_auc"] == 1.0
     assert set(perfect["per_class"]) == {"c0", "c1"}
     # random-ranking AP = share of positives among the non-difficult: c0 2/3, c1 1/3
     assert chance_level(index, rows) == pytest.approx((2 / 3 + 1 / 3) / 2)
@@ -244,6 +304,21 @@ def test_probe_and_finetune_beat_chance_from_the_synthetic_imagenet_network(data
     assert "literature" in open(table).read()
     tuned_run = client.get_run(tuned["mlflow_run_id"])
     assert len(client.get_metric_history(tuned_run.info.run_id, "split0_train_loss")) == 4
+
+    # every evaluation's per-image test scores are artifacts, from which the devkit's number is recomputed
+    first = probe["per_split"][0]
+    saved = np.load(client.download_artifacts(run.info.run_id, f"test_scores/fc7-{first['split']}.npz"))
+    assert len(saved["keys"]) == first["test_images"] and saved["scores"].shape[1] == len(saved["classes"])
+    if dataset == "voc2007":
+        gt = np.where(saved["difficult"], 0, 2 * saved["labels"].astype(int) - 1)
+        recomputed = np.mean([_vocevalcls_ap(saved["scores"][:, c], gt[:, c])[0] for c in range(gt.shape[1])])
+    else:
+        recomputed = mean_per_class_accuracy(saved["labels"], saved["scores"].argmax(1))[0]
+    assert recomputed == pytest.approx(first["value"], abs=1e-12)
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "test_scores")} == {
+        f"test_scores/{layer}-{s['split']}.npz" for layer in ("fc7", "fc6") for s in probe["per_split"]}
+    assert [a.path for a in client.list_artifacts(tuned_run.info.run_id, "test_scores")] == [
+        f"test_scores/finetune-{tuned['per_split'][0]['split']}.npz"]
 
 
 @pytest.mark.slow

@@ -233,6 +233,54 @@ def test_missing_files_are_named(tmp_path):
         transfer_data.index_voc2007(str(tmp_path))
 
 
+def _jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 48, 3), seed * 40 % 256, np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_an_empty_caltech_category_is_named_in_the_log_the_manifest_and_by_transfer(tmp_path, ray_local, caplog,
+                                                                                    capsys):
+    from alexnet.cli import main
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name in ("101_ObjectCategories", "101_ObjectCategories/ant", "101_ObjectCategories/ferry"):
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+        for i in range(4):
+            data = _jpeg(i)
+            info = tarfile.TarInfo(f"101_ObjectCategories/ant/image_{i + 1:04d}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / formats.CALTECH101_TGZ).write_bytes(buf.getvalue())
+    with caplog.at_level("WARNING", logger="pipelines.transfer_data"):
+        manifest = prepare.prepare_dataset("caltech101", str(tmp_path / "src"), str(tmp_path / "out"))
+    assert "101_ObjectCategories/ferry holds no images" in caplog.text
+    assert manifest["num_classes"] == 1 and manifest["empty_classes"] == ["101_ObjectCategories/ferry"]
+    # the protocol (30 + 1 images per category; here 3 + 1) refuses it, naming the folder and its count
+    code = main(["transfer", "caltech101", "--data", str(tmp_path / "out"), "--checkpoint", str(tmp_path / "none"),
+                 "--method", "probe", "--no-tracking", "--set", "transfer.caltech_train_per_class=3",
+                 "--set", "transfer.caltech_val_per_class=1"])
+    err = capsys.readouterr().err
+    assert code != 0 and "101_ObjectCategories/ferry (0 images)" in err and "at least 4" in err, err
+
+
+def test_voc_tars_without_the_test_image_sets_name_the_file_to_supply(sources, tmp_path):
+    (tmp_path / "voc").mkdir()
+    shutil.copy(sources["voc2007"] / formats.VOC2007_TRAINVAL_TAR, tmp_path / "voc")
+    with tarfile.open(sources["voc2007"] / formats.VOC2007_TEST_TAR) as src, \
+            tarfile.open(tmp_path / "voc" / formats.VOC2007_TEST_TAR, "w") as dst:
+        for member in src:
+            if "ImageSets/Main/" not in member.name:
+                dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+    with pytest.raises(ingest.IngestError) as e:
+        transfer_data.index_voc2007(str(tmp_path / "voc"))
+    assert "VOCtest_06-Nov-2007.tar" in str(e.value) and "ImageSets/Main/test.txt" in str(e.value), str(e.value)
+
+
 # --- prepare -----------------------------------------------------------------------------------------------------
 
 
@@ -256,6 +304,12 @@ def test_prepared_dataset_follows_the_contract(dataset, prepared, sources):
     assert list(manifest["splits"]) == list(info.splits)
     assert [r["key"] for r in manifest["rejects"]] == list(info.bad)
     assert "truncated" in manifest["rejects"][0]["reason"]
+    archive = {"caltech101": formats.CALTECH101_TGZ, "flowers102": formats.FLOWERS102_TGZ}.get(dataset)
+    if archive:  # the archive the user gave and the member, not the decompressed copy under _cache/
+        source = manifest["rejects"][0]["source"]
+        assert source.startswith(f"{sources[dataset] / archive}: ") and "_cache" not in source, source
+        assert source.endswith(".jpg") and manifest["rejects"][0]["key"].rsplit("/", 1)[-1] in source
+    assert not [p for p in out.rglob(".tmp")], "a complete prepare leaves no temporaries' folder"
     assert len(prepare.manifest_hash(str(out))) == 64
     for split, keys in info.splits.items():
         table = pq.ParquetDataset(prepare.shard_uris(str(out), manifest, split)).read()
