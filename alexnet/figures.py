@@ -350,7 +350,7 @@ def make_figures(checkpoint: str, data: str, out: str | Path, *, queries: int = 
                  experiment: str = "alexnet") -> dict[str, Any]:
     """Figures 3 and 4 and the training curves of ``checkpoint`` (trained on the prepared ImageNet ``data``)
     into ``out``, logged to an MLflow run ``figures-<checkpoint folder>``. Returns what was drawn and where."""
-    from alexnet.train import load_checkpoint
+    from alexnet.train import CHECKPOINT_FILE, load_checkpoint
     from alexnet.transfer import load_backbone
     from pipelines import storage
 
@@ -359,16 +359,19 @@ def make_figures(checkpoint: str, data: str, out: str | Path, *, queries: int = 
         checkpoint = storage.absolute(checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    path = Path(checkpoint.rstrip("/"))
+    name = path.parent.name if path.name == CHECKPOINT_FILE else path.stem  # checkpoint_000089, alexnet-owt-...
     backbone = load_backbone(checkpoint, imagenet_stats=data)
     # conv1's kernels feed the towers through conv2's groups (groups=2: kernels 0-47 feed tower 1)
-    towers = [m for m in backbone.model.modules() if isinstance(m, nn.Conv2d)][1].groups
+    convs = [m for m in backbone.model.modules() if isinstance(m, nn.Conv2d)]
+    towers = convs[1].groups if len(convs) > 1 else 1
     files = {"conv1": plot_conv1_kernels(backbone.model, out / FIGURE_FILES["conv1"], towers=towers)}
     history: list[dict[str, Any]] = []
     if backbone.description["kind"] == "alexnet":
         history = load_checkpoint(checkpoint).get("history") or []
     if history:
         files["curves"] = plot_training_curves(history, out / FIGURE_FILES["curves"],
-                                               title=f"training curves of {Path(checkpoint).name}")
+                                               title=f"training curves of {name}")
     else:
         log.warning("%s holds no training history: no training curves", checkpoint)
     keys = choose_queries(data, count=queries, seed=seed)
@@ -384,7 +387,7 @@ def make_figures(checkpoint: str, data: str, out: str | Path, *, queries: int = 
     }
     if tracking:
         summary["mlflow_run_id"] = _log_run(
-            f"figures-{Path(checkpoint.rstrip('/')).name}", list(files.values()), summary,
+            f"figures-{name}", list(files.values()), summary,
             params={"checkpoint": checkpoint, "data": data, "queries": queries, "neighbours": neighbours,
                     "seed": seed}, tracking_uri=tracking_uri, experiment=experiment)
     return summary
