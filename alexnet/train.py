@@ -258,13 +258,7 @@ def load_checkpoint(uri: str) -> dict[str, Any]:
         uri = storage.join(uri, CHECKPOINT_FILE)
     if not storage.exists(uri):
         raise FileNotFoundError(f"{uri} not found: pass a checkpoint folder written by `alexnet train` or its {CHECKPOINT_FILE}")
-    # weights_only: nothing in the file is executed. Beyond tensors and containers a checkpoint holds numpy's RNG
-    # state (a uint32 array) and torch.__version__ (a str subclass).
-    from numpy._core.multiarray import _reconstruct
-
-    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), torch.torch_version.TorchVersion]
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False)
 
 
 def model_from_checkpoint(state: dict[str, Any]) -> nn.Module:
