@@ -28,6 +28,15 @@ def assert_png_shows_something(path: Path, *, min_size: tuple[int, int]) -> None
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
 
 
+def _store(tmp_path: Path) -> str:
+    """An MLflow store whose experiment ``figures-test`` keeps its artifacts under ``tmp_path`` (not ./mlruns)."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).create_experiment("figures-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    return uri
+
+
 # --- Figure 3 ------------------------------------------------------------------------------------------------------
 
 
@@ -173,10 +182,11 @@ def test_relu_vs_tanh_cli_trains_both_to_the_target_and_logs_figure_1(tmp_path, 
     from alexnet.cli import main
 
     assert main(["synth", "cifar10", "--out", str(tmp_path / "cifar"), "--per-batch", "20", "--test", "10"]) == 0
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = _store(tmp_path)
     argv = ["figures", "relu-vs-tanh", "--data", str(tmp_path / "cifar" / "cifar-10-python.tar.gz"), "--out",
             str(tmp_path / "figs"), "--lr-relu", "0.001", "--lr-tanh", "0.001", "--target", "0.3",
-            "--max-epochs", "8", "--batch-size", "10", "--device", "cpu", "--tracking-uri", tracking]
+            "--max-epochs", "8", "--batch-size", "10", "--device", "cpu", "--tracking-uri", tracking,
+            "--experiment", "figures-test"]
     capsys.readouterr()
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -229,10 +239,10 @@ def test_figures_cli_writes_and_logs_figures_3_4_and_the_curves(fresh_checkpoint
     from alexnet.transfer import load_backbone
     from pipelines import prepare
 
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = _store(tmp_path)
     capsys.readouterr()
     assert main(["figures", "--checkpoint", fresh_checkpoint, "--data", train_data, "--out", str(tmp_path / "figs"),
-                 "--tracking-uri", tracking, "--feature-actors", "1"]) == 0
+                 "--tracking-uri", tracking, "--experiment", "figures-test", "--feature-actors", "1"]) == 0
     out = capsys.readouterr().out
     summary = json.loads(out[out.index("{"):])
     for name, size in (("conv1_kernels.png", (600, 450)), ("nearest_neighbours.png", (1000, 800)),
