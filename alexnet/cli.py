@@ -146,6 +146,47 @@ def _transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _figures(args: argparse.Namespace) -> int:
+    tracking = dict(tracking=args.tracking, tracking_uri=args.tracking_uri, experiment=args.experiment)
+    if args.figure == "relu-vs-tanh":
+        from alexnet.figures import make_relu_vs_tanh
+
+        result = make_relu_vs_tanh(args.data, args.out, lr_relu=args.lr_relu, lr_tanh=args.lr_tanh,
+                                   target=args.target, max_epochs=args.max_epochs, batch_size=args.batch_size,
+                                   seed=args.seed, device=args.device, **tracking)
+        reached = result["epochs_to_target"]
+        ratio = f"{result['ratio']:.2f}" if result["ratio"] else "unknown (a network did not reach it)"
+        print(f"{result['target']:.0%} training error: ReLU at epoch {reached['relu']}, tanh at epoch "
+              f"{reached['tanh']}; ratio {ratio} (paper: about 6)")
+        print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+        return 0
+    if not (args.checkpoint and args.data):
+        raise ValueError("pass --checkpoint URI and --data URI (or `alexnet figures relu-vs-tanh --data CIFAR`)")
+    from alexnet.figures import make_figures
+
+    summary = make_figures(args.checkpoint, args.data, args.out, queries=args.queries, neighbours=args.neighbours,
+                           seed=args.seed, batch_size=args.batch_size, use_gpu=args.use_gpu,
+                           num_actors=args.feature_actors, ray_address=args.ray_address, **tracking)
+    for path in summary["files"].values():
+        print(path)
+    print(json.dumps({k: v for k, v in summary.items() if k != "queries"}, indent=2))
+    return 0
+
+
+def _synth_cifar(args: argparse.Namespace) -> int:
+    from pipelines.synth_cifar import write_synthetic_cifar10
+
+    path = write_synthetic_cifar10(args.out, per_batch=args.per_batch, test=args.test, seed=args.seed)
+    print(f"wrote a synthetic CIFAR-10 to {path}: {5 * args.per_batch} train, {args.test} test images")
+    return 0
+
+
+def _add_tracking_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-tracking", dest="tracking", action="store_false", help="do not log to MLflow")
+    p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--experiment", default="alexnet", help="MLflow experiment (default alexnet)")
+
+
 # --- the parser -------------------------------------------------------------------------------------------------
 
 
@@ -295,6 +336,48 @@ def build_parser() -> argparse.ArgumentParser:
     add_transfer_arguments(tr)
     tr.set_defaults(handler=_transfer)
 
+    # figures
+    fig = commands.add_parser(
+        "figures",
+        help="the paper's figures (3: conv1 kernels, 4: top-5 and nearest neighbours, curves; 1: ReLU vs tanh)",
+        description="Write the paper's Figure 3 (conv1's kernels), Figure 4 (validation images with their top-5 "
+        "labels and six nearest training images in fc7 space, features from Ray Data actors) and the training "
+        "curves of a checkpoint as PNGs into --out, and log them to an MLflow run figures-<checkpoint>. "
+        "`alexnet figures relu-vs-tanh --data CIFAR` draws Figure 1 instead.",
+    )
+    fig.add_argument("--checkpoint", metavar="URI", help="a checkpoint of `alexnet train` (folder or checkpoint.pt)")
+    fig.add_argument("--data", metavar="URI", help="the prepared ImageNet it was trained on (with stats.json)")
+    fig.add_argument("--out", default="figures", metavar="DIR", help="folder for the PNGs (default figures)")
+    fig.add_argument("--queries", type=int, default=5, help="validation images in Figure 4 (default 5)")
+    fig.add_argument("--neighbours", type=int, default=6, help="nearest training images per query (default 6)")
+    fig.add_argument("--seed", type=int, default=0, help="seed of the choice of validation images")
+    fig.add_argument("--batch-size", type=int, default=128, help="images per feature-extraction batch")
+    fig.add_argument("--use-gpu", action="store_true", help="one GPU per feature-extraction actor")
+    fig.add_argument("--feature-actors", type=int, default=0, help="feature-extraction actors (default: per CPU/GPU)")
+    fig.add_argument("--ray-address", help="Ray cluster to run on (default: RAY_ADDRESS, else local)")
+    _add_tracking_options(fig)
+    fig.set_defaults(handler=_figures, figure="checkpoint")
+    fig_sets = fig.add_subparsers(dest="figure", metavar="FIGURE")
+    rt = fig_sets.add_parser(
+        "relu-vs-tanh",
+        help="Figure 1: the four-layer CIFAR-10 network with ReLUs and with tanh, to 25%% training error",
+        description="Train the paper's four-layer CIFAR-10 network (alexnet/cifar.py) with ReLUs and with tanh "
+        "units until an epoch's training error is at most --target, plot both curves to --out/relu_vs_tanh.png, "
+        "print the epoch each reached it and their ratio (the paper: about 6), and log an MLflow run.",
+    )
+    rt.add_argument("--data", required=True, metavar="PATH",
+                    help="cifar-10-python.tar.gz (the official python version) or its cifar-10-batches-py folder")
+    rt.add_argument("--out", default="figures", metavar="DIR", help="folder for the PNG (default figures)")
+    rt.add_argument("--lr-relu", type=float, default=0.001, help="learning rate of the ReLU network (default 0.001)")
+    rt.add_argument("--lr-tanh", type=float, default=0.001, help="learning rate of the tanh network (default 0.001)")
+    rt.add_argument("--target", type=_positive_fraction, default=0.25, help="training error to reach (default 0.25)")
+    rt.add_argument("--max-epochs", type=int, default=100, help="stop a network here if it has not (default 100)")
+    rt.add_argument("--batch-size", type=int, default=128)
+    rt.add_argument("--seed", type=int, default=0)
+    rt.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    _add_tracking_options(rt)
+    rt.set_defaults(handler=_figures)
+
     # synth
     syn = commands.add_parser("synth", help="write small synthetic datasets in the official formats")
     syn_sets = syn.add_subparsers(dest="dataset", required=True, metavar="DATASET")
@@ -358,6 +441,17 @@ def build_parser() -> argparse.ArgumentParser:
         y.add_argument("--corrupt", type=_COUNT, default=0,
                        help="replace this many images by truncated JPEGs (for reject tests; default 0)")
         y.set_defaults(handler=_synth)
+    c = syn_sets.add_parser(
+        "cifar10",
+        help="a tiny, learnable CIFAR-10 (cifar-10-python.tar.gz) for `alexnet figures relu-vs-tanh`",
+        description="Write OUT/cifar-10-python.tar.gz in the official python format: cifar-10-batches-py/"
+        "data_batch_1..5, test_batch and batches.meta, pickled dicts as the official files hold them.",
+    )
+    c.add_argument("--out", required=True, metavar="DIR")
+    c.add_argument("--per-batch", type=int, default=100, help="images per training batch (default 100; real 10000)")
+    c.add_argument("--test", type=int, default=100, help="test images (default 100; real 10000)")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(handler=_synth_cifar)
     return parser
 
 

@@ -404,18 +404,19 @@ class FeatureExtractor:
         return {"key": batch["key"], **{name: taps[name].float().cpu().numpy() for name in self.layers}}
 
 
-def extract_features(data: str, checkpoint: str, *, keys: np.ndarray, layers: list[str], batch_size: int = 128,
-                     use_gpu: bool = False, num_actors: int = 0, imagenet_stats: str | None = None,
-                     ray_address: str | None = None) -> dict[str, np.ndarray]:
-    """Activations of ``layers`` for every image of the prepared dataset ``data``, computed by a pool of Ray Data
-    actors (one GPU each with ``use_gpu``), returned as ``{layer: [len(keys), D]}`` in the order of ``keys``."""
+def feature_batches(data: str, checkpoint: str, *, layers: list[str], splits: list[str] | None = None,
+                    batch_size: int = 128, use_gpu: bool = False, num_actors: int = 0,
+                    imagenet_stats: str | None = None, ray_address: str | None = None):
+    """Activations of ``layers`` for the images of ``splits`` (default all) of the prepared dataset ``data``,
+    computed by a pool of Ray Data actors (one GPU each with ``use_gpu``), streamed as numpy batches
+    ``{"key": [B], layer: [B, D], ...}`` in no particular order (memory stays bounded on any dataset size)."""
     import ray.data
 
     from pipelines import prepare, storage
     from pipelines.rayutil import cpu_concurrency, ensure_ray
 
     manifest = prepare.load_manifest(data)
-    uris = [u for split in sorted(manifest["splits"]) for u in prepare.shard_uris(data, manifest, split)]
+    uris = [u for split in sorted(splits or manifest["splits"]) for u in prepare.shard_uris(data, manifest, split)]
     ensure_ray(ray_address)
     fs, _ = storage.filesystem(uris[0])
     paths = [storage.filesystem(u)[1] for u in uris]
@@ -439,10 +440,19 @@ def extract_features(data: str, checkpoint: str, *, keys: np.ndarray, layers: li
         num_cpus=cpus,
         runtime_env=storage.worker_env(),
     )
+    yield from features.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def extract_features(data: str, checkpoint: str, *, keys: np.ndarray, layers: list[str], batch_size: int = 128,
+                     use_gpu: bool = False, num_actors: int = 0, imagenet_stats: str | None = None,
+                     ray_address: str | None = None) -> dict[str, np.ndarray]:
+    """Activations of ``layers`` for every image of the prepared dataset ``data`` (``feature_batches``), returned
+    as ``{layer: [len(keys), D]}`` in the order of ``keys``."""
     position = {k: i for i, k in enumerate(keys)}
     out = {name: None for name in layers}
     seen = np.zeros(len(keys), dtype=bool)
-    for batch in features.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in feature_batches(data, checkpoint, layers=layers, batch_size=batch_size, use_gpu=use_gpu,
+                                 num_actors=num_actors, imagenet_stats=imagenet_stats, ray_address=ray_address):
         rows = np.array([position[k] for k in batch["key"]])
         for name in layers:
             if out[name] is None:
