@@ -30,7 +30,7 @@ def _ranged(spec: str, kind: type = int) -> Callable[[str], float]:
     return parse
 
 
-_COUNT, _AT_LEAST_1 = _ranged("[0, inf)"), _ranged("[1, inf)")
+_COUNT, _AT_LEAST_1, _POSITIVE = _ranged("[0, inf)"), _ranged("[1, inf)"), _ranged("(0, inf)", float)
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -348,12 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     fig.add_argument("--checkpoint", metavar="URI", help="a checkpoint of `alexnet train` (folder or checkpoint.pt)")
     fig.add_argument("--data", metavar="URI", help="the prepared ImageNet it was trained on (with stats.json)")
     fig.add_argument("--out", default="figures", metavar="DIR", help="folder for the PNGs (default figures)")
-    fig.add_argument("--queries", type=int, default=5, help="validation images in Figure 4 (default 5)")
-    fig.add_argument("--neighbours", type=int, default=6, help="nearest training images per query (default 6)")
-    fig.add_argument("--seed", type=int, default=0, help="seed of the choice of validation images")
-    fig.add_argument("--batch-size", type=int, default=128, help="images per feature-extraction batch")
+    fig.add_argument("--queries", type=_AT_LEAST_1, default=5, help="validation images in Figure 4 (default 5)")
+    fig.add_argument("--neighbours", type=_AT_LEAST_1, default=6, help="nearest training images per query (default 6)")
+    fig.add_argument("--seed", type=_COUNT, default=0, help="seed of the choice of validation images")
+    fig.add_argument("--batch-size", type=_AT_LEAST_1, default=128, help="images per feature-extraction batch")
     fig.add_argument("--use-gpu", action="store_true", help="one GPU per feature-extraction actor")
-    fig.add_argument("--feature-actors", type=int, default=0, help="feature-extraction actors (default: per CPU/GPU)")
+    fig.add_argument("--feature-actors", type=_COUNT, default=0, help="feature-extraction actors (default: per CPU/GPU)")
     fig.add_argument("--ray-address", help="Ray cluster to run on (default: RAY_ADDRESS, else local)")
     _add_tracking_options(fig)
     fig.set_defaults(handler=_figures, figure="checkpoint")
@@ -368,12 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--data", required=True, metavar="PATH",
                     help="cifar-10-python.tar.gz (the official python version) or its cifar-10-batches-py folder")
     rt.add_argument("--out", default="figures", metavar="DIR", help="folder for the PNG (default figures)")
-    rt.add_argument("--lr-relu", type=float, default=0.001, help="learning rate of the ReLU network (default 0.001)")
-    rt.add_argument("--lr-tanh", type=float, default=0.001, help="learning rate of the tanh network (default 0.001)")
-    rt.add_argument("--target", type=_positive_fraction, default=0.25, help="training error to reach (default 0.25)")
-    rt.add_argument("--max-epochs", type=int, default=100, help="stop a network here if it has not (default 100)")
-    rt.add_argument("--batch-size", type=int, default=128)
-    rt.add_argument("--seed", type=int, default=0)
+    rt.add_argument("--lr-relu", type=_POSITIVE, default=0.001, help="learning rate of the ReLU network (default 0.001)")
+    rt.add_argument("--lr-tanh", type=_POSITIVE, default=0.001, help="learning rate of the tanh network (default 0.001)")
+    rt.add_argument("--target", type=_ranged("(0, 1]", float), default=0.25, help="training error to reach (default 0.25)")
+    rt.add_argument("--max-epochs", type=_AT_LEAST_1, default=100, help="stop a network here if it has not (default 100)")
+    rt.add_argument("--batch-size", type=_AT_LEAST_1, default=128)
+    rt.add_argument("--seed", type=_COUNT, default=0)
     rt.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     _add_tracking_options(rt)
     rt.set_defaults(handler=_figures)
@@ -448,9 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
         "data_batch_1..5, test_batch and batches.meta, pickled dicts as the official files hold them.",
     )
     c.add_argument("--out", required=True, metavar="DIR")
-    c.add_argument("--per-batch", type=int, default=100, help="images per training batch (default 100; real 10000)")
-    c.add_argument("--test", type=int, default=100, help="test images (default 100; real 10000)")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--per-batch", type=_AT_LEAST_1, default=100, help="images per training batch (default 100; real 10000)")
+    c.add_argument("--test", type=_AT_LEAST_1, default=100, help="test images (default 100; real 10000)")
+    c.add_argument("--seed", type=_COUNT, default=0)
     c.set_defaults(handler=_synth_cifar)
     return parser
 
