@@ -183,9 +183,11 @@ def run_ablations(cfg: Config, *, only: list[str] | None = None, ten_crop: bool 
     storage_path, storage_filesystem = ray_storage(cfg.train.storage_path)
     trainable = tune.with_parameters(_trial, base=cfg.to_dict(), parent_run_id=tracker.run_id if tracker else None,
                                      tracking=tracking, ten_crop=ten_crop)
-    # The trial function only drives its Ray Train run; the run's workers reserve the CPUs/GPUs.
+    # The trial function only drives its Ray Train run, whose workers reserve the CPUs/GPUs themselves (Train V2
+    # does not run inside the trial's placement group). Tune refuses an all-zero request, and any CPU share would
+    # keep a worker of the next trial from fitting, so a trial asks for one byte of memory.
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"CPU": 0}),
+        tune.with_resources(trainable, {"memory": 1}),
         param_space={"ablation": tune.grid_search(names)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=f"{cfg.train.run_name}-ablations", storage_path=storage_path,

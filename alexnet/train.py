@@ -315,6 +315,18 @@ def _model_kwargs(cfg: Config, *, num_classes: int) -> dict[str, Any]:
                 groups=m.groups, dropout=m.dropout, init=m.init, activation=m.activation)
 
 
+def warn_if_stalled(train_loss: float, num_classes: int, tracker: Any | None) -> str | None:
+    """After the first epoch: :func:`chance_loss_warning` in the log, and in MLflow as the tag
+    ``warning.loss_at_chance`` and the metric ``loss_at_chance`` = 1 (so a stalled run shows in the runs table)."""
+    stalled = chance_loss_warning(train_loss, num_classes)
+    if stalled:
+        log.warning(stalled)
+        if tracker:
+            tracker.set_tags({"warning.loss_at_chance": stalled})
+            tracker.log_metrics({"loss_at_chance": 1.0}, step=1)
+    return stalled
+
+
 # --- the Ray Train worker --------------------------------------------------------------------------------------------
 
 
@@ -433,12 +445,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "val_top5_err": va["top5_err"],
             "images_per_s": tr["seen"] / max(1e-9, tr["seconds"] / world),
         }
-        stalled = chance_loss_warning(metrics["train_loss"], num_classes) if epoch == 0 else None
-        if stalled and rank == 0:
-            log.warning(stalled)
-            if tracker:
-                tracker.set_tags({"warning.loss_at_chance": stalled})
-                tracker.log_metrics({"loss_at_chance": 1.0}, step=1)
+        if epoch == 0 and rank == 0:
+            warn_if_stalled(metrics["train_loss"], num_classes, tracker)
         if schedule.step(epoch, va["top1_err"]):
             set_lr(optimizer, schedule.lr)
             if rank == 0:

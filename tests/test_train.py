@@ -65,6 +65,21 @@ def test_chance_loss_warning():
     assert chance_loss_warning(1.5, 10) is None
 
 
+def test_stalled_start_is_loud_in_the_log_and_mlflow(tmp_path, caplog):
+    from alexnet.tracking import RunLogger
+    from alexnet.train import warn_if_stalled
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = RunLogger(store, "stall", run_name="stalled")
+    with caplog.at_level("WARNING", logger="alexnet.train"):
+        assert warn_if_stalled(math.log(10) + 0.001, 10, tracker)
+        assert warn_if_stalled(1.2, 10, tracker) is None
+    warnings = [r.getMessage() for r in caplog.records if r.name == "alexnet.train" and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "STALLED AT CHANCE" in warnings[0]
+    run = mlflow.MlflowClient(store).get_run(tracker.run_id)
+    assert "ln(10)" in run.data.tags["warning.loss_at_chance"] and run.data.metrics["loss_at_chance"] == 1.0
+
+
 def test_step_schedule():
     s = LRSchedule(0.1, "step", step_epochs=[2, 4])
     lrs = []
