@@ -207,6 +207,7 @@ def run_ablations(cfg: Config, *, only: list[str] | None = None, ten_crop: bool 
     if tracker:
         tracker.end("FAILED" if failed else "FINISHED")
     if failed:
+        log.error("ablations, with failed trials:\n%s", markdown(table))
         raise RuntimeError(f"ablation trial(s) {failed} did not finish: {[trials.get(n, {}).get('error') for n in failed]}")
     return AblationResult(table, trials, tracker.run_id if tracker else None)
 
