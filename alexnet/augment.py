@@ -5,6 +5,9 @@ Krizhevsky et al. 2012, section 4.1, defined once for Ray Data, training and tes
 - training: a random 224x224 patch of each 256x256 image (every one of the 33x33 offsets equally likely)
   and its horizontal reflection with probability 1/2; PCA colour ("lighting") noise; then the mean image
   (the paper, section 2) or a per-channel mean/std is subtracted;
+- pixel scale: the paper's net sees raw 0-255 RGB minus the mean image (``pixel_scale=255``: its LRN constant
+  k=2, alpha=1e-4 and its N(0, 0.01) init assume that unit); ``pixel_scale=1`` feeds pixels in [0, 1], as
+  torchvision's weights expect. Statistics are always given on [0, 1] (``stats.json``) and scaled here;
 - test: the centre patch, or the ten patches (four corners and the centre, each also reflected) whose
   softmax outputs are averaged (:func:`predict_ten_crop`).
 
@@ -39,6 +42,7 @@ __all__ = [
 ]
 
 Normalize = Literal["mean_image", "channel"]
+PIXEL_SCALES = (1, 255)
 
 # fb.resnet.torch (datasets/imagenet.lua), pixels scaled to [0, 1]: per-channel ImageNet mean and std (the
 # values torchvision uses too) and the PCA of the RGB covariance, eigenvalues descending, eigenvectors as
@@ -108,6 +112,9 @@ class Augmentation:
             ``"channel"`` computes ``(x - mean_rgb) / std_rgb``.
         lighting_std: std of the lighting coefficients ``a_i`` (the paper's 0.1); 0 disables the noise.
         crop: side of the square patches (the paper's 224).
+        pixel_scale: the network's pixel unit: 255 (raw 0-255 RGB, the paper) or 1 ([0, 1]). The mean image
+            and the lighting noise are scaled with it; ``"channel"`` normalisation divides by the std, so the
+            unit cancels out there and both scales give the same output.
 
     Build with :meth:`from_stats` (a ``stats.json`` mapping and ``mean_image.npy``) or
     :meth:`imagenet_default`. Call :meth:`to` once with the training device so the statistics are not
@@ -122,6 +129,7 @@ class Augmentation:
     normalize: Normalize = "mean_image"
     lighting_std: float = 0.1
     crop: int = 224
+    pixel_scale: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean_rgb", _as_float_tensor(self.mean_rgb, (3,), "mean_rgb"))
@@ -145,6 +153,15 @@ class Augmentation:
             raise ValueError(f"lighting_std must be >= 0, got {self.lighting_std}")
         if self.crop < 1:
             raise ValueError(f"crop must be >= 1, got {self.crop}")
+        if self.pixel_scale not in PIXEL_SCALES:
+            raise ValueError(f"pixel_scale must be 255 (the paper's 0-255 pixels) or 1 ([0, 1]), "
+                             f"got {self.pixel_scale!r}")
+        if bool((self.eigval < 0).any()):
+            raise ValueError(f"eigval are variances and must be >= 0, got {self.eigval.tolist()}")
+        # Derived once (and again by `to`, which re-runs this): the statistics in the network's pixel unit.
+        scaled_mean = None if self.mean_image is None else self.mean_image * self.pixel_scale
+        object.__setattr__(self, "_scaled_mean_image", scaled_mean)
+        object.__setattr__(self, "_lighting_stdevs", self.eigval.sqrt() * self.pixel_scale)
 
     # -- construction --------------------------------------------------------------------------------
 
@@ -157,6 +174,7 @@ class Augmentation:
         normalize: Normalize = "mean_image",
         lighting_std: float = 0.1,
         crop: int = 224,
+        pixel_scale: int = 1,
     ) -> Augmentation:
         """From the parsed ``stats.json`` (``mean_rgb``, ``std_rgb``, ``eigval``, ``eigvec`` with columns the
         eigenvectors; other keys are ignored) and the contents of ``mean_image.npy``."""
@@ -172,6 +190,7 @@ class Augmentation:
             normalize=normalize,
             lighting_std=lighting_std,
             crop=crop,
+            pixel_scale=pixel_scale,
         )
 
     @classmethod
@@ -182,6 +201,7 @@ class Augmentation:
         normalize: Normalize = "channel",
         lighting_std: float = 0.1,
         crop: int = 224,
+        pixel_scale: int = 1,
     ) -> Augmentation:
         """fb.resnet.torch's ImageNet constants, for when the dataset's stats are absent."""
         return cls(
@@ -193,6 +213,7 @@ class Augmentation:
             normalize=normalize,
             lighting_std=lighting_std,
             crop=crop,
+            pixel_scale=pixel_scale,
         )
 
     def to(self, device: torch.device | str) -> Augmentation:
@@ -254,10 +275,10 @@ class Augmentation:
         index = (rows[:, :, None] * width + cols[:, None, :]).reshape(n, 1, size * size)
         index = index.expand(n, channels, size * size)
         pixels = x.reshape(n, channels, height * width).gather(2, index).reshape(n, channels, size, size)
-        out = pixels.to(torch.float32).div_(255.0)
+        out = pixels.to(torch.float32).mul_(self.pixel_scale / 255.0)
         out += self.lighting_offsets(params.alpha)[:, :, None, None]
         if self.normalize == "mean_image":
-            mean_image = self._stat(self.mean_image, x.device).reshape(1, channels, height * width)
+            mean_image = self._stat(self._scaled_mean_image, x.device).reshape(1, channels, height * width)
             out -= mean_image.expand(n, -1, -1).gather(2, index).reshape(n, channels, size, size)
             return out
         return self._normalize_channels(out)
@@ -270,8 +291,8 @@ class Augmentation:
         pixels = x.numpy()
         out = np.empty((n, channels, size, size), dtype=np.float32)
         offsets = self.lighting_offsets(params.alpha).numpy()[:, :, None, None]
-        mean_image = self._stat(self.mean_image, x.device).numpy() if self.normalize == "mean_image" else None
-        scale = np.float32(1.0 / 255.0)
+        mean_image = self._stat(self._scaled_mean_image, x.device).numpy() if self.normalize == "mean_image" else None
+        scale = np.float32(self.pixel_scale / 255.0)
         for i, (top, left, flip) in enumerate(zip(params.top.tolist(), params.left.tolist(), params.flip.tolist())):
             rows, cols = slice(top, top + size), slice(left, left + size)
             step = -1 if flip else 1
@@ -289,16 +310,20 @@ class Augmentation:
         return self.apply_train(x, self.sample_train_params(n, generator, height=height, width=width))
 
     def lighting_offsets(self, alpha: torch.Tensor) -> torch.Tensor:
-        """The paper's PCA lighting, per image: ``[p1 p2 p3] [a1 l1, a2 l2, a3 l3]^T`` -> ``[N, 3]`` RGB offsets.
+        """The paper's PCA lighting, per image: ``[p1 p2 p3] [a1 l1, a2 l2, a3 l3]^T`` -> ``[N, 3]`` RGB offsets,
+        in the network's pixel unit.
 
-        ``p_i`` are the columns of ``eigvec``, ``l_i`` the eigenvalues, ``alpha`` ``[N, 3]`` the ``a_i``. The
-        offsets' covariance is ``eigvec @ diag((lighting_std * eigval)^2) @ eigvec.T``. The formula is not
-        scale invariant (eigenvalues scale with the square of the pixel unit); like fb.resnet.torch we apply
-        it to pixels in [0, 1] with the eigenvalues of that covariance, as ``stats.json`` holds them.
+        ``p_i`` are the columns of ``eigvec``, ``alpha`` ``[N, 3]`` the ``a_i``, and ``l_i`` is read as
+        cuda-convnet2 (the paper's own code) reads it: its ``color_stdevs``, the standard deviation of the pixels
+        along ``p_i``, ``sqrt(eigval_i)``, times ``pixel_scale``. That is the one reading that does not depend on
+        the unit (a variance scales with its square: the literal eigenvalue of the 0-255 covariance, several
+        thousand, would add noise of hundreds of grey levels). The offsets' covariance is
+        ``eigvec @ diag(lighting_std^2 * eigval * pixel_scale^2) @ eigvec.T``: on ImageNet (top eigenvalue about
+        0.107 on [0, 1], 6,927 on 0-255) and ``lighting_std=0.1``, about 8.3 grey levels along ``p1``.
         """
-        eigval = self._stat(self.eigval, alpha.device)
+        stdevs = self._stat(self._lighting_stdevs, alpha.device)
         eigvec = self._stat(self.eigvec, alpha.device)
-        return (alpha * eigval) @ eigvec.T
+        return (alpha * stdevs) @ eigvec.T
 
     # -- evaluation ----------------------------------------------------------------------------------
 
@@ -345,15 +370,15 @@ class Augmentation:
         return tensor.to(device, non_blocking=True)
 
     def _normalize_channels(self, out: torch.Tensor) -> torch.Tensor:
-        mean = self._stat(self.mean_rgb, out.device)[:, None, None]
-        std = self._stat(self.std_rgb, out.device)[:, None, None]
+        mean = self._stat(self.mean_rgb, out.device)[:, None, None] * self.pixel_scale
+        std = self._stat(self.std_rgb, out.device)[:, None, None] * self.pixel_scale
         return out.sub_(mean).div_(std)
 
     def _normalized_patch(self, x: torch.Tensor, top: int, left: int) -> torch.Tensor:
         rows, cols = slice(top, top + self.crop), slice(left, left + self.crop)
-        out = x[:, :, rows, cols].to(torch.float32).div_(255.0)
+        out = x[:, :, rows, cols].to(torch.float32).mul_(self.pixel_scale / 255.0)
         if self.normalize == "mean_image":
-            return out.sub_(self._stat(self.mean_image, x.device)[:, rows, cols])
+            return out.sub_(self._stat(self._scaled_mean_image, x.device)[:, rows, cols])
         return self._normalize_channels(out)
 
 

@@ -139,6 +139,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    from alexnet.ablate import run_from_args
+
+    return run_from_args(args)
+
+
 def _transfer(args: argparse.Namespace) -> int:
     from alexnet.transfer import run_from_args
 
@@ -320,6 +326,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not log to MLflow (default: log into the checkpoint's training run, MLFLOW_TRACKING_URI "
                    "or sqlite:///mlflow.db)")
     e.set_defaults(handler=_evaluate)
+
+    # ablate
+    from alexnet.ablate import TRAINED as ABLATIONS
+
+    ab = commands.add_parser(
+        "ablate",
+        help="the paper's ablations: each its own Ray Train run on Ray Tune, the table beside the paper's deltas",
+        description="Train the paper net and each ablation (no LRN, 2/2 pooling, the one-GPU half-kernel net, no "
+        "PCA lighting, no dropout) as Ray Tune trials, each a Ray Train run of the preset with that switch; "
+        "evaluate the paper net with 1 and 10 crops; print the table of error changes beside the paper's "
+        "(LRN -1.4/-1.2, overlap -0.4/-0.3, two GPUs -1.7/-1.2, lighting about -1, 10 crops) and log it to "
+        "MLflow (a parent run, a child per ablation). Reruns resume each trial's training.",
+    )
+    add_train_arguments(ab)
+    ab.add_argument("--only", type=lambda text: [n for n in text.split(",") if n], default=[],
+                    metavar="NAME[,NAME...]", help=f"a subset of {', '.join(ABLATIONS[1:])} (the paper net always runs)")
+    ab.add_argument("--no-ten-crop", dest="ten_crop", action="store_false", help="skip the 1 vs 10 crops row")
+    ab.add_argument("--max-concurrent", type=int, default=0,
+                    help="trials at once (default: as many as the cluster has room for their Ray Train workers)")
+    ab.set_defaults(handler=_ablate)
 
     # transfer
     from alexnet.config import add_transfer_arguments

@@ -41,6 +41,9 @@ class DataConfig(_Ranged):
     train_split: str = "train"
     val_split: str = "val"
     normalize: Literal["mean_image", "channel"] = "mean_image"  #: the paper subtracts the mean image
+    #: the network's pixel unit: 255 = raw 0-255 RGB minus the mean image, the paper's (its LRN and init constants
+    #: assume it); 1 = pixels in [0, 1] (torchvision's weights, with normalize "channel"). stats.json stays on [0, 1]
+    pixel_scale: Literal[255, 1] = 255
     lighting_std: float = 0.1  #: std of the PCA colour noise coefficients (paper: 0.1); 0 disables
     crop: int = 224  #: training/evaluation patch size
     shuffle_buffer: int = 4096  #: rows mixed in memory on top of the shuffled row-group order
@@ -53,13 +56,14 @@ class DataConfig(_Ranged):
 class ModelConfig(_Ranged):
     """The network (see ``alexnet.model.build_model``)."""
 
-    variant: Literal["paper", "torchvision"] = "paper"
+    variant: Literal["paper", "one-gpu", "torchvision"] = "paper"  #: one-gpu: the paper's half-kernel one-tower net
     num_classes: int = 0  #: 0 = from the dataset's manifest
     lrn: bool = True
     overlap_pool: bool = True
     groups: int = 2
     dropout: float = 0.5
     init: Literal["paper", "kaiming", "caffe"] = "paper"
+    activation: Literal["relu", "tanh"] = "relu"  #: tanh: the saturating units of the paper's figure 1
 
 
 @dataclass
@@ -78,6 +82,10 @@ class TrainConfig(_Ranged):
     patience: int = 5
     plateau_threshold: float = 0.001
     max_lr_drops: int = 3
+    #: plateau: no drop before this many epochs, nor sooner than this after the previous drop (the paper drops
+    #: three times in about 90 epochs), so a stalled start cannot use up the drops
+    min_epochs_before_drop: int = 10
+    min_epochs_between_drops: int = 10
     step_epochs: list[int] = field(default_factory=lambda: [30, 60, 80])  #: schedule "step": drop at these
     label_smoothing: float = 0.0
     seed: int = 0
@@ -168,6 +176,8 @@ RANGES: dict[str, str] = {
     "train.patience": "[1, inf)",
     "train.plateau_threshold": "[0, inf)",
     "train.max_lr_drops": "[0, inf)",
+    "train.min_epochs_before_drop": "[0, inf)",
+    "train.min_epochs_between_drops": "[0, inf)",
     "train.step_epochs": "[1, inf)",
     "train.label_smoothing": "[0, 1)",
     "train.seed": "[0, inf)",
@@ -238,6 +248,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check (and, for strings from the command line, parse) ``value`` against the field's type."""
     origin = typing.get_origin(hint)
     if origin is Literal:
+        if isinstance(value, str):  # `--set data.pixel_scale=1`: an int choice given as text
+            value = next((a for a in typing.get_args(hint) if not isinstance(a, str) and str(a) == value), value)
         if value not in typing.get_args(hint):
             raise ValueError(f"{where} must be one of {list(typing.get_args(hint))}, not {value!r}")
         return value

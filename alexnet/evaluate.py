@@ -14,8 +14,6 @@ from typing import Any
 
 import torch
 
-from alexnet.augment import Augmentation
-from alexnet.config import Config
 from alexnet.results import PAPER_VAL_ERRORS
 
 log = logging.getLogger(__name__)
@@ -34,13 +32,13 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on ``split`` of the prepared dataset ``data``; returns errors and provenance."""
     from alexnet.data import ShardReader
-    from alexnet.train import errors, evaluate, load_checkpoint, model_from_checkpoint
+    from alexnet.train import augmentation_for, checkpoint_config, errors, evaluate, load_checkpoint, model_from_checkpoint
     from pipelines import prepare, stats as stats_mod
 
     if crops not in (1, 10):
         raise ValueError(f"crops must be 1 or 10, not {crops}")
     state = load_checkpoint(checkpoint)
-    cfg = Config.from_dict(state["config"])
+    cfg = checkpoint_config(state)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stats, mean_image = stats_mod.load_stats(data)
     if state.get("stats_sha256") and stats.get("mean_image_sha256") != state["stats_sha256"]:
@@ -48,8 +46,7 @@ def evaluate_checkpoint(
     manifest = prepare.load_manifest(data)
     if manifest["num_classes"] != state["num_classes"]:
         raise ValueError(f"{data} has {manifest['num_classes']} classes; the checkpoint predicts {state['num_classes']}")
-    augmentation = Augmentation.from_stats(stats, mean_image, normalize=cfg.data.normalize,
-                                           lighting_std=cfg.data.lighting_std, crop=cfg.data.crop).to(dev)
+    augmentation = augmentation_for(cfg, stats, mean_image).to(dev)
     model = model_from_checkpoint(state).to(dev)
     reader = ShardReader(data, split, batch_size=batch_size, shuffle=False, limit=limit)
     result = errors(evaluate(model, reader, augmentation, device=dev, crops=crops))

@@ -1,6 +1,6 @@
 """AlexNet networks: the NIPS 2012 paper's and torchvision's.
 
-Two variants, built by :func:`build_model`:
+Three variants, built by :func:`build_model`:
 
 ``variant="paper"``
     Krizhevsky, Sutskever & Hinton, "ImageNet Classification with Deep Convolutional Neural Networks",
@@ -8,8 +8,16 @@ Two variants, built by :func:`build_model`:
     everywhere (3.1), the two-GPU split (3.2) written as one column with ``groups=2`` in conv2, conv4 and
     conv5, local response normalisation (3.3) and overlapping max-pooling (3.4), dropout in the first
     two fully-connected layers (4.2). 60,965,224 parameters with 1000 classes. The ablation switches
-    ``lrn``, ``overlap_pool``, ``groups`` and ``dropout`` turn each of those choices off in turn, to
-    measure the effects the paper reports.
+    ``lrn``, ``overlap_pool``, ``dropout`` and ``activation`` (tanh, for figure 1) turn each of those choices
+    off in turn, to measure the effects the paper reports.
+
+``variant="one-gpu"``
+    The baseline of the paper's two-GPU comparison (section 3.2, -1.7% / -1.2%): "a net with half as many
+    kernels in each convolutional layer trained on one GPU", one tower with no groups: 48-128-192-192 kernels
+    in conv1-conv4. Its footnote 2 keeps the final convolutional layer at 256 kernels "(nor the
+    fully-connected layers which follow)", since most parameters sit in fc6, so conv5 has 256 and fc6/fc7
+    4096 units: 59,798,312 parameters with 1000 classes, against 60,965,224 (the paper: "approximately the same
+    number of parameters", the comparison "biased in favor of the one-GPU net"). ``groups`` does not apply.
 
 ``variant="torchvision"``
     The single-column network of Krizhevsky, "One weird trick for parallelizing convolutional neural
@@ -44,7 +52,8 @@ __all__ = [
     "init_caffe_",
 ]
 
-Variant = Literal["paper", "torchvision"]
+Variant = Literal["paper", "one-gpu", "torchvision"]
+Activation = Literal["relu", "tanh"]
 Init = Literal["paper", "kaiming", "caffe"]
 LayerName = Literal["conv1", "conv2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7", "fc8"]
 
@@ -157,10 +166,20 @@ def _dropout(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
+#: Kernels of conv1..conv5: the paper's two towers together, and its one-GPU net (footnote 2: conv5 not halved).
+_PAPER_WIDTHS = (96, 256, 384, 384, 256)
+_ONE_GPU_WIDTHS = (48, 128, 192, 192, 256)
+
+
 def _paper_alexnet(
-    *, num_classes: int, lrn: bool, overlap_pool: bool, groups: int, dropout: float
+    *, num_classes: int, lrn: bool, overlap_pool: bool, groups: int, dropout: float,
+    widths: tuple[int, int, int, int, int] = _PAPER_WIDTHS, activation: Activation = "relu",
 ) -> AlexNet:
     """Section 3 of the paper, one column, the two GPUs' halves as convolution groups.
+
+    ``widths`` are the kernels of conv1..conv5 (the one-GPU net's are narrower). ``activation="tanh"`` puts
+    ``nn.Tanh`` where the ReLUs are; the modules keep their names (``relu1`` ...) so taps and state dicts do not
+    change with the switch.
 
     Input 224x224. ``(224 - 11) / 4 + 1`` is not an integer, so the paper's 224 cannot give its 55x55
     conv1 map without padding (Caffe crops 227 instead). We keep the paper's 224 crops and pad conv1 by 2:
@@ -183,23 +202,27 @@ def _paper_alexnet(
     def norm() -> nn.Module:
         return LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0) if lrn else nn.Identity()
 
+    def act() -> nn.Module:
+        return nn.ReLU(inplace=True) if activation == "relu" else nn.Tanh()
+
+    c1, c2, c3, c4, c5 = widths  # the paper's shapes below
     features = nn.Sequential(
         OrderedDict(
             [
-                ("conv1", nn.Conv2d(3, 96, kernel_size=11, stride=4, padding=2)),  # [N, 96, 55, 55]
-                ("relu1", nn.ReLU(inplace=True)),
+                ("conv1", nn.Conv2d(3, c1, kernel_size=11, stride=4, padding=2)),  # [N, 96, 55, 55]
+                ("relu1", act()),
                 ("norm1", norm()),
                 ("pool1", pool()),  # [N, 96, 27, 27]
-                ("conv2", nn.Conv2d(96, 256, kernel_size=5, padding=2, groups=groups)),  # [N, 256, 27, 27]
-                ("relu2", nn.ReLU(inplace=True)),
+                ("conv2", nn.Conv2d(c1, c2, kernel_size=5, padding=2, groups=groups)),  # [N, 256, 27, 27]
+                ("relu2", act()),
                 ("norm2", norm()),
                 ("pool2", pool()),  # [N, 256, 13, 13]
-                ("conv3", nn.Conv2d(256, 384, kernel_size=3, padding=1)),  # [N, 384, 13, 13], sees both halves
-                ("relu3", nn.ReLU(inplace=True)),
-                ("conv4", nn.Conv2d(384, 384, kernel_size=3, padding=1, groups=groups)),  # [N, 384, 13, 13]
-                ("relu4", nn.ReLU(inplace=True)),
-                ("conv5", nn.Conv2d(384, 256, kernel_size=3, padding=1, groups=groups)),  # [N, 256, 13, 13]
-                ("relu5", nn.ReLU(inplace=True)),
+                ("conv3", nn.Conv2d(c2, c3, kernel_size=3, padding=1)),  # [N, 384, 13, 13], sees both halves
+                ("relu3", act()),
+                ("conv4", nn.Conv2d(c3, c4, kernel_size=3, padding=1, groups=groups)),  # [N, 384, 13, 13]
+                ("relu4", act()),
+                ("conv5", nn.Conv2d(c4, c5, kernel_size=3, padding=1, groups=groups)),  # [N, 256, 13, 13]
+                ("relu5", act()),
                 ("pool5", pool()),  # [N, 256, 6, 6]
             ]
         )
@@ -207,11 +230,11 @@ def _paper_alexnet(
     classifier = nn.Sequential(
         OrderedDict(
             [
-                ("fc6", nn.Linear(256 * 6 * 6, 4096)),  # [N, 4096]
-                ("relu6", nn.ReLU(inplace=True)),
+                ("fc6", nn.Linear(c5 * 6 * 6, 4096)),  # [N, 4096]
+                ("relu6", act()),
                 ("drop6", _dropout(dropout)),
                 ("fc7", nn.Linear(4096, 4096)),  # [N, 4096]
-                ("relu7", nn.ReLU(inplace=True)),
+                ("relu7", act()),
                 ("drop7", _dropout(dropout)),
                 ("fc8", nn.Linear(4096, num_classes)),  # [N, num_classes]
             ]
@@ -325,11 +348,13 @@ def build_model(
     groups: int = 2,
     dropout: float = 0.5,
     init: Init = "paper",
+    activation: Activation = "relu",
 ) -> AlexNet:
     """Build an AlexNet.
 
     Args:
-        variant: ``"paper"`` (Krizhevsky et al. 2012, section 3) or ``"torchvision"`` (the "one weird trick"
+        variant: ``"paper"`` (Krizhevsky et al. 2012, section 3), ``"one-gpu"`` (the paper's one-GPU net with
+            half the kernels, the baseline of its two-GPU comparison) or ``"torchvision"`` (the "one weird trick"
             single-column net of ``torchvision.models.alexnet``, loadable with its state dict).
         num_classes: outputs of fc8.
         lrn: paper variant only: local response normalisation after ReLU1 and ReLU2 (section 3.3);
@@ -337,15 +362,19 @@ def build_model(
         overlap_pool: paper variant only: 3x3 stride-2 pooling (section 3.4) or, ``False``, 2x2 stride 2;
             both give 27, 13 and 6 (floor mode), see :func:`_paper_alexnet`.
         groups: paper variant only: 2 splits conv2, conv4 and conv5 into the two GPUs' halves (section
-            3.2); 1 connects every kernel to every map of the previous layer.
+            3.2); 1 connects every kernel to every map of the previous layer, a bigger net (62,378,344
+            parameters) that the paper never trained. It is *not* the paper's two-GPU ablation: that compares
+            with a one-tower net of half the kernels, ``variant="one-gpu"`` (always one group).
         dropout: drop probability of the two hidden fully-connected layers' dropout (section 4.2);
             0 disables it.
-        init: paper variant only: ``"paper"`` (:func:`init_paper_`), ``"kaiming"`` (:func:`init_kaiming_`)
+        init: paper variants only: ``"paper"`` (:func:`init_paper_`), ``"kaiming"`` (:func:`init_kaiming_`)
             or ``"caffe"`` (:func:`init_caffe_`).
+        activation: paper variants only: ``"relu"`` (section 3.1) or ``"tanh"`` (the saturating units of
+            figure 1's comparison).
 
     The torchvision variant is torchvision's network as shipped: only ``num_classes`` and ``dropout``
-    apply to it; ``lrn``, ``overlap_pool``, ``groups`` and ``init`` are the paper variant's ablations and
-    are ignored (it is initialised as torchvision initialises it).
+    apply to it; ``lrn``, ``overlap_pool``, ``groups``, ``init`` and ``activation`` are the paper variants'
+    ablations and are ignored (it is initialised as torchvision initialises it).
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -353,14 +382,18 @@ def build_model(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if variant == "torchvision":
         return _torchvision_alexnet(num_classes=num_classes, dropout=dropout)
-    if variant != "paper":
-        raise ValueError(f"unknown variant {variant!r}; choose 'paper' or 'torchvision'")
+    if variant not in ("paper", "one-gpu"):
+        raise ValueError(f"unknown variant {variant!r}; choose 'paper', 'one-gpu' or 'torchvision'")
     if groups not in (1, 2):
         raise ValueError(f"groups must be 1 or 2, got {groups}")
     if init not in _INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {sorted(_INITS)}")
+    if activation not in ("relu", "tanh"):
+        raise ValueError(f"unknown activation {activation!r}; choose 'relu' or 'tanh'")
     model = _paper_alexnet(
-        num_classes=num_classes, lrn=lrn, overlap_pool=overlap_pool, groups=groups, dropout=dropout
+        num_classes=num_classes, lrn=lrn, overlap_pool=overlap_pool,
+        groups=1 if variant == "one-gpu" else groups, dropout=dropout,
+        widths=_ONE_GPU_WIDTHS if variant == "one-gpu" else _PAPER_WIDTHS, activation=activation,
     )
     _INITS[init](model)
     return model

@@ -62,7 +62,11 @@ def build_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_deca
 @dataclass
 class LRSchedule:
     """The paper's rule: divide the learning rate by 10 when the validation error stops improving, at most
-    ``max_drops`` times; or fixed ``step_epochs``. Its state travels in checkpoints."""
+    ``max_drops`` times; or fixed ``step_epochs``. Its state travels in checkpoints.
+
+    Plateau drops wait for ``min_epochs_before`` completed epochs and for ``min_epochs_between`` epochs after the
+    previous drop: a start that stalls at the chance loss would otherwise spend all three drops in its first
+    ``3 * patience`` epochs and never learn (the paper's drops came after tens of epochs each)."""
 
     base_lr: float
     kind: str = "plateau"
@@ -70,9 +74,12 @@ class LRSchedule:
     threshold: float = 0.001
     max_drops: int = 3
     step_epochs: list[int] = field(default_factory=list)
+    min_epochs_before: int = 0
+    min_epochs_between: int = 0
     best: float = math.inf
     bad_epochs: int = 0
     drops: int = 0
+    last_drop_epoch: int = 0  #: completed epochs at the latest drop
 
     @property
     def lr(self) -> float:
@@ -88,16 +95,34 @@ class LRSchedule:
                 self.best, self.bad_epochs = val_error, 0
             else:
                 self.bad_epochs += 1
-                if self.bad_epochs >= self.patience and self.drops < self.max_drops:
+                done = epoch + 1
+                waited = done >= (self.min_epochs_before if self.drops == 0
+                                  else self.last_drop_epoch + self.min_epochs_between)
+                if self.bad_epochs >= self.patience and self.drops < self.max_drops and waited:
                     self.drops += 1
                     self.bad_epochs = 0
+                    self.last_drop_epoch = done
         return self.drops != before
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "bad_epochs": self.bad_epochs, "drops": self.drops}
+        return {"best": self.best, "bad_epochs": self.bad_epochs, "drops": self.drops,
+                "last_drop_epoch": self.last_drop_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.bad_epochs, self.drops = state["best"], state["bad_epochs"], state["drops"]
+        self.last_drop_epoch = state.get("last_drop_epoch", 0)  # checkpoints from before the minimum spacing
+
+
+def chance_loss_warning(train_loss: float, num_classes: int, *, tolerance: float = 0.01) -> str | None:
+    """A warning when the training loss is still within ``tolerance`` (relative) of the chance loss
+    ``ln(num_classes)``: the known stall of the paper's init (some reproductions never leave 6.91)."""
+    chance = math.log(num_classes)
+    if num_classes < 2 or abs(train_loss - chance) > tolerance * chance:
+        return None
+    return (f"TRAINING IS STALLED AT CHANCE: train loss {train_loss:.4f} is within {tolerance:.0%} of "
+            f"ln({num_classes}) = {chance:.4f} after the first epoch; with the paper's init (biases 1) some "
+            "reproductions never leave it: check data.pixel_scale (255 for the paper net), or try "
+            "model.init=caffe or kaiming")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -304,7 +329,7 @@ def load_checkpoint(uri: str) -> dict[str, Any]:
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 #: Settings that change what the network is or what it learns from; a resumed run must keep them (with
 #: ``train.resume=auto``). Every ``model.*`` key counts too.
-RESUME_DATA_KEYS = ("train_split", "val_split", "normalize", "crop")
+RESUME_DATA_KEYS = ("train_split", "val_split", "normalize", "pixel_scale", "crop")
 
 
 class ResumeRefused(ValueError):
@@ -334,7 +359,7 @@ def latest_checkpoint(storage_path: str, run_name: str) -> str | None:
 def resume_differences(state: dict[str, Any], cfg: Config, *, manifest_sha256: str, num_classes: int) -> list[str]:
     """What differs between a checkpoint and the run about to continue it: the data (manifest sha256), the number
     of classes, ``model.*`` and the data settings of ``RESUME_DATA_KEYS``."""
-    saved = Config.from_dict(state.get("config") or {})
+    saved = checkpoint_config(state)  # a checkpoint from before data.pixel_scale reads as scale 1
     diffs = []
     if state.get("data_manifest_sha256") != manifest_sha256:
         diffs.append(f"data manifest sha256 {str(state.get('data_manifest_sha256'))[:12]} != {manifest_sha256[:12]} "
@@ -367,15 +392,43 @@ def check_resume(cfg: Config, *, manifest_sha256: str, num_classes: int) -> str 
 
 def model_from_checkpoint(state: dict[str, Any]) -> nn.Module:
     """The trained network of a checkpoint, on the CPU, in eval mode."""
-    model = build_model(**_model_kwargs(Config.from_dict(state["config"]), num_classes=state["num_classes"]))
+    model = build_model(**_model_kwargs(checkpoint_config(state), num_classes=state["num_classes"]))
     model.load_state_dict(state["model"])
     return model.eval()
+
+
+def checkpoint_config(state: dict[str, Any]) -> Config:
+    """The resolved config a checkpoint was trained with."""
+    raw = {name: dict(section) for name, section in (state.get("config") or {}).items()}
+    # Checkpoints written before data.pixel_scale existed were trained on [0, 1] pixels.
+    raw.setdefault("data", {}).setdefault("pixel_scale", 1)
+    return Config.from_dict(raw)
+
+
+def augmentation_for(cfg: Config, stats: dict[str, Any], mean_image: Any) -> Augmentation:
+    """The input pipeline of ``cfg.data`` with the dataset's ``stats.json`` and mean image: the one definition of
+    normalisation (pixel unit, mean image or channel, lighting) that training, evaluation and transfer share."""
+    d = cfg.data
+    return Augmentation.from_stats(stats, mean_image, normalize=d.normalize, lighting_std=d.lighting_std,
+                                   crop=d.crop, pixel_scale=d.pixel_scale)
 
 
 def _model_kwargs(cfg: Config, *, num_classes: int) -> dict[str, Any]:
     m = cfg.model
     return dict(variant=m.variant, num_classes=num_classes, lrn=m.lrn, overlap_pool=m.overlap_pool,
-                groups=m.groups, dropout=m.dropout, init=m.init)
+                groups=m.groups, dropout=m.dropout, init=m.init, activation=m.activation)
+
+
+def warn_if_stalled(train_loss: float, num_classes: int, tracker: Any | None) -> str | None:
+    """After the first epoch: :func:`chance_loss_warning` in the log, and in MLflow as the tag
+    ``warning.loss_at_chance`` and the metric ``loss_at_chance`` = 1 (so a stalled run shows in the runs table)."""
+    stalled = chance_loss_warning(train_loss, num_classes)
+    if stalled:
+        log.warning(stalled)
+        if tracker:
+            tracker.set_tags({"warning.loss_at_chance": stalled})
+            tracker.log_metrics({"loss_at_chance": 1.0}, step=1)
+    return stalled
 
 
 # --- the Ray Train worker --------------------------------------------------------------------------------------------
@@ -430,9 +483,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     manifest = prepare.load_manifest(cfg.data.data)
     stats, mean_image = stats_mod.load_stats(cfg.data.data)
     num_classes = cfg.model.num_classes or manifest["num_classes"]
-    augmentation = Augmentation.from_stats(
-        stats, mean_image, normalize=cfg.data.normalize, lighting_std=cfg.data.lighting_std, crop=cfg.data.crop
-    ).to(device)
+    augmentation = augmentation_for(cfg, stats, mean_image).to(device)
 
     _seed_everything(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(**_model_kwargs(cfg, num_classes=num_classes))
@@ -444,7 +495,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     lr = cfg.train.lr * (cfg.train.batch_size / PAPER_BATCH if cfg.train.lr_scaling == "linear" else 1.0)
     optimizer = build_optimizer(model, lr=lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
     schedule = LRSchedule(lr, cfg.train.schedule, cfg.train.patience, cfg.train.plateau_threshold,
-                          cfg.train.max_lr_drops, list(cfg.train.step_epochs))
+                          cfg.train.max_lr_drops, list(cfg.train.step_epochs),
+                          cfg.train.min_epochs_before_drop, cfg.train.min_epochs_between_drops)
 
     start_epoch, history, mlflow_run_id = 0, [], loop_config.get("mlflow_run_id")
     state = restore_latest(CHECKPOINT_FILE, model, optimizer, schedule)
@@ -497,6 +549,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "val_top5_err": va["top5_err"],
             "images_per_s": tr["seen"] / max(1e-9, tr["seconds"] / world),
         }
+        if epoch == 0 and rank == 0:
+            warn_if_stalled(metrics["train_loss"], num_classes, tracker)
         if schedule.step(epoch, va["top1_err"]):
             set_lr(optimizer, schedule.lr)
             if rank == 0:

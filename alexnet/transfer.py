@@ -322,14 +322,13 @@ def load_backbone(checkpoint: str, *, imagenet_stats: str | None = None) -> Back
     ``mean_image.npy`` of ``imagenet_stats``, default the dataset named in its config); or a torchvision-variant
     state dict (e.g. torchvision's ``alexnet-owt-7be5be79.pth``), normalised as torchvision does (channel
     mean/std)."""
-    from alexnet.config import Config
     from alexnet.model import build_model
-    from alexnet.train import model_from_checkpoint
+    from alexnet.train import augmentation_for, checkpoint_config, model_from_checkpoint
     from pipelines import stats as stats_mod
 
     state = read_checkpoint_state(checkpoint)
     if "model" in state and "config" in state:
-        cfg = Config.from_dict(state["config"])
+        cfg = checkpoint_config(state)
         stats_uri = imagenet_stats or cfg.data.data
         try:
             stats, mean_image = stats_mod.load_stats(stats_uri)
@@ -339,20 +338,19 @@ def load_backbone(checkpoint: str, *, imagenet_stats: str | None = None) -> Back
                                     "mean_image.npy as --imagenet-stats URI") from None
         if state.get("stats_sha256") and stats.get("mean_image_sha256") != state["stats_sha256"]:
             log.warning("%s: ImageNet statistics differ from those %s was trained with", stats_uri, checkpoint)
-        augmentation = Augmentation.from_stats(stats, mean_image, normalize=cfg.data.normalize,
-                                               lighting_std=cfg.data.lighting_std, crop=cfg.data.crop)
-        return Backbone(model_from_checkpoint(state), augmentation,
+        return Backbone(model_from_checkpoint(state), augmentation_for(cfg, stats, mean_image),
                         {"kind": "alexnet", "checkpoint": checkpoint, "variant": cfg.model.variant,
                          "epoch": state.get("epoch"), "imagenet_stats": stats_uri,
-                         "normalize": cfg.data.normalize, "trained_num_classes": state["num_classes"]})
+                         "normalize": cfg.data.normalize, "pixel_scale": cfg.data.pixel_scale,
+                         "trained_num_classes": state["num_classes"]})
     if "classifier.6.weight" not in state or "features.0.weight" not in state:
         raise ValueError(f"{checkpoint}: neither a checkpoint of `alexnet train` nor a torchvision AlexNet state "
                          f"dict (keys: {sorted(state)[:6]}...)")
     model = build_model(variant="torchvision", num_classes=int(state["classifier.6.weight"].shape[0]))
     model.load_state_dict(state)
-    return Backbone(model.eval(), Augmentation.imagenet_default(normalize="channel"),
+    return Backbone(model.eval(), Augmentation.imagenet_default(normalize="channel", pixel_scale=1),
                     {"kind": "torchvision", "checkpoint": checkpoint, "variant": "torchvision",
-                     "normalize": "channel", "trained_num_classes": int(state["classifier.6.weight"].shape[0])})
+                     "normalize": "channel", "pixel_scale": 1, "trained_num_classes": int(state["classifier.6.weight"].shape[0])})
 
 
 def replace_head(model: nn.Module, num_classes: int) -> nn.Linear:

@@ -21,6 +21,8 @@ from alexnet.augment import (
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 EIGVAL = torch.tensor(IMAGENET_PCA_EIGVAL)
+#: cuda-convnet2's reading of the paper's l_i: the std along each eigenvector, sqrt of the covariance's eigenvalue.
+STDEV = EIGVAL.sqrt()
 EIGVEC = torch.tensor(IMAGENET_PCA_EIGVEC)
 
 
@@ -112,7 +114,7 @@ def test_vectorised_crop_equals_per_sample_slicing(mean_image: torch.Tensor, sta
         mean_patch = mean_image[:, t : t + 224, l : l + 224].double()
         if params.flip[i]:
             patch, mean_patch = patch.flip(-1), mean_patch.flip(-1)
-        offset = EIGVEC.double() @ (params.alpha[i].double() * EIGVAL.double())
+        offset = EIGVEC.double() @ (params.alpha[i].double() * STDEV.double())
         expected = patch + offset[:, None, None] - mean_patch
         torch.testing.assert_close(out[i].double(), expected, rtol=0, atol=1e-6)
 
@@ -166,7 +168,7 @@ def test_train_is_reproducible_and_equals_sample_then_apply(mean_image: torch.Te
 
 
 def test_lighting_uses_eigenvector_columns() -> None:
-    # a = (1, 0, 0) adds l1 * p1, the first *column* of eigvec; a = (0, 0, 1) adds l3 * p3.
+    # a = (1, 0, 0) adds sqrt(l1) * p1, the first *column* of eigvec; a = (0, 0, 1) adds sqrt(l3) * p3.
     augmentation = identity_normalisation(crop=4)
     x = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
     params = TrainParams(
@@ -176,8 +178,8 @@ def test_lighting_uses_eigenvector_columns() -> None:
         alpha=torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),
     )
     out = augmentation.apply_train(x, params)
-    torch.testing.assert_close(out[0, :, 0, 0], 0.2175 * torch.tensor([-0.5675, -0.5808, -0.5836]))
-    torch.testing.assert_close(out[1, :, 0, 0], 0.0045 * torch.tensor([0.4009, -0.8140, 0.4203]))
+    torch.testing.assert_close(out[0, :, 0, 0], math.sqrt(0.2175) * torch.tensor([-0.5675, -0.5808, -0.5836]))
+    torch.testing.assert_close(out[1, :, 0, 0], math.sqrt(0.0045) * torch.tensor([0.4009, -0.8140, 0.4203]))
 
 
 def test_lighting_covariance_matches_pca() -> None:
@@ -187,16 +189,16 @@ def test_lighting_covariance_matches_pca() -> None:
     offsets = out[:, :, 0, 0].double()
     # One offset per image, the same for all its pixels.
     assert torch.equal(out, offsets.float()[:, :, None, None].expand_as(out))
-    expected = EIGVEC.double() @ torch.diag((0.1 * EIGVAL.double()) ** 2) @ EIGVEC.double().T
+    expected = EIGVEC.double() @ torch.diag((0.1 * STDEV.double()) ** 2) @ EIGVEC.double().T
     empirical = torch.cov(offsets.T)
     assert torch.linalg.matrix_norm(empirical - expected) < 0.03 * torch.linalg.matrix_norm(expected)
     # Along each principal axis separately (the small ones are invisible in the matrix norm): the
-    # coordinates have std 0.1 * l_i and are uncorrelated.
+    # coordinates have std 0.1 * sqrt(l_i) and are uncorrelated.
     coordinates = offsets @ EIGVEC.double()
-    torch.testing.assert_close(coordinates.std(dim=0), 0.1 * EIGVAL.double(), rtol=0.03, atol=0)
+    torch.testing.assert_close(coordinates.std(dim=0), 0.1 * STDEV.double(), rtol=0.03, atol=0)
     correlation = torch.corrcoef(coordinates.T)
     assert (correlation - torch.eye(3, dtype=torch.float64)).abs().max() < 0.05
-    assert offsets.mean(dim=0).abs().max() < 4 * 0.1 * IMAGENET_PCA_EIGVAL[0] / math.sqrt(n)
+    assert offsets.mean(dim=0).abs().max() < 4 * 0.1 * math.sqrt(IMAGENET_PCA_EIGVAL[0]) / math.sqrt(n)
 
 
 def test_lighting_std_zero_disables_noise() -> None:
@@ -224,7 +226,7 @@ def test_mean_image_subtraction_on_a_flipped_crop(mean_image: torch.Tensor, stat
     expected0 = image0[:, src_r, src_c] / 255 - mean0[:, src_r, src_c]
     assert expected0[:, 0, 0].tolist() == (image0[:, 7, 244] / 255 - mean0[:, 7, 244]).tolist()
     torch.testing.assert_close(out[0].double(), torch.from_numpy(expected0), rtol=0, atol=1e-6)
-    offset = EIGVEC.double() @ (alpha[1].double() * EIGVAL.double())
+    offset = EIGVEC.double() @ (alpha[1].double() * STDEV.double())
     expected1 = (
         x[1, :, 30:254, 2:226].flip(-1).double() / 255
         + offset[:, None, None]
@@ -364,3 +366,42 @@ def test_rejects_bad_inputs(stats: dict, mean_image: torch.Tensor) -> None:
         augmentation.eval_center(torch.zeros(1, 3, 200, 200, dtype=torch.uint8))
     with pytest.raises(ValueError):
         augmentation.train(torch.zeros(1, 3, 240, 240, dtype=torch.uint8), None)  # mean image is 256x256
+
+
+# -- pixel scale -------------------------------------------------------------------------------------------
+
+
+def test_lighting_noise_in_grey_levels(stats: dict) -> None:
+    # ImageNet's top eigenvalue of the RGB covariance: 6,927 on 0-255 pixels (stats.json holds it on [0, 1]).
+    # cuda-convnet2's reading, a_i times the std sqrt(l_i): 0.1 * sqrt(6927) = 8.3 grey levels along p1, in
+    # either unit (the literal variance would give 0.1 * 6927 = 693 grey levels).
+    eigval = [6927 / 255**2, 0.0188, 0.0045]
+    n = 20_000
+    for scale in (255, 1):
+        augmentation = Augmentation.from_stats(stats | {"eigval": eigval}, normalize="channel", lighting_std=0.1,
+                                               pixel_scale=scale)
+        params = augmentation.sample_train_params(n, torch.Generator().manual_seed(0))
+        offsets = augmentation.lighting_offsets(params.alpha).double() * (255 / scale)  # in grey levels
+        along_p1 = offsets @ EIGVEC.double()[:, 0]
+        assert along_p1.std().item() == pytest.approx(0.1 * math.sqrt(6927), rel=0.03)  # 8.32
+        assert 8.0 < along_p1.std().item() < 8.6
+
+
+def test_pixel_scale_255_is_raw_pixels_minus_the_mean_image(mean_image: torch.Tensor, stats: dict) -> None:
+    x = random_images(2, seed=5)
+    unit = Augmentation.from_stats(stats, mean_image, lighting_std=0.1)
+    raw = Augmentation.from_stats(stats, mean_image, lighting_std=0.1, pixel_scale=255)
+    params = raw.sample_train_params(2, torch.Generator().manual_seed(3))
+    t, l = int(params.top[0]), int(params.left[0])
+    patch = x[0, :, t : t + 224, l : l + 224].double() - 255 * mean_image[:, t : t + 224, l : l + 224].double()
+    patch = patch.flip(-1) if params.flip[0] else patch
+    offset = raw.lighting_offsets(params.alpha[:1]).double()[0]
+    out = raw.apply_train(x, params)
+    torch.testing.assert_close(out[0].double(), patch + offset[:, None, None], rtol=0, atol=1e-3)
+    torch.testing.assert_close(out, unit.apply_train(x, params) * 255, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(raw.eval_ten_crop(x), unit.eval_ten_crop(x) * 255, rtol=1e-5, atol=1e-3)
+    # Channel normalisation divides by the std: the unit cancels out.
+    channel = [Augmentation.from_stats(stats, normalize="channel", pixel_scale=s).eval_center(x) for s in (1, 255)]
+    torch.testing.assert_close(channel[0], channel[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pixel_scale"):
+        Augmentation.from_stats(stats, mean_image, pixel_scale=100)

@@ -153,7 +153,8 @@ def test_prefect_yaml_declares_one_deployment_per_preset():
     (pull,) = spec["pull"]
     assert pull == {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $PWD }}"}}
     deployments = {d["name"]: d for d in spec["deployments"]}
-    assert set(deployments) == {"full-reproduction", "smoke", "transfer"}
+    assert set(deployments) == {"full-reproduction", "smoke", "transfer", "ablations"}
+    ablations = deployments.pop("ablations")  # flows/ablations.py, a flow also named alexnet: alexnet/ablations
     for d in deployments.values():
         assert d["entrypoint"] == "flows/alexnet_flow.py:alexnet_flow"
         assert d["work_pool"]["name"] == "alexnet-pool" and len(d["description"]) > 100
@@ -171,6 +172,11 @@ def test_prefect_yaml_declares_one_deployment_per_preset():
     from alexnet.config import load_config
 
     load_config(ROOT / "configs" / "smoke.yaml", deployments["smoke"]["parameters"]["overrides"])  # valid overrides
+    from flows.ablations import ablations_flow
+
+    assert ablations["entrypoint"] == "flows/ablations.py:ablations_flow" and ablations_flow.name == "alexnet"
+    assert set(ablations["parameters"]) <= set(ablations_flow.parameters.model_dump()["properties"])
+    assert (ROOT / ablations["parameters"]["preset"]).exists() and (ROOT / "configs" / "ablate-smoke.yaml").exists()
 
 
 # --- slow: the flow in this process ---------------------------------------------------------------------------------

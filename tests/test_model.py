@@ -226,6 +226,32 @@ def test_groups_1_connects_every_map() -> None:
     assert count_parameters(model) == PAPER_PARAMETERS + 307_200 + 663_552 + 442_368 == 62_378_344
 
 
+def test_one_gpu_net_has_half_the_kernels_in_one_tower(images: torch.Tensor) -> None:
+    # The baseline of the paper's two-GPU comparison: half the kernels of conv1-conv4, one tower; conv5 and the
+    # fully-connected layers keep their size (footnote 2), so it has about as many parameters as the paper net.
+    model = build_model(variant="one-gpu").eval()
+    convs = _convs(model)
+    assert [c.out_channels for c in convs.values()] == [48, 128, 192, 192, 256]
+    assert [c.in_channels for c in convs.values()] == [3, 48, 128, 192, 192]
+    assert all(c.groups == 1 for c in convs.values())
+    assert [model.classifier.get_submodule(n).out_features for n in ("fc6", "fc7")] == [4096, 4096]
+    assert count_parameters(model) == 59_798_312
+    assert any(isinstance(m, LocalResponseNorm) for m in model.modules())
+    with torch.no_grad():
+        assert model.forward_features(images, "pool5").shape == (2, 256, 6, 6)
+        assert model(images).shape == (2, 1000)
+
+
+def test_tanh_activation(images: torch.Tensor) -> None:
+    model = build_model(activation="tanh", num_classes=10).eval()
+    assert not any(isinstance(m, nn.ReLU) for m in model.modules())
+    assert sum(isinstance(m, nn.Tanh) for m in model.modules()) == 7
+    assert count_parameters(model) == count_parameters(build_model(num_classes=10))
+    with torch.no_grad():
+        conv1 = model.forward_features(images, "conv1")  # the tap keeps its name; tanh output can be negative
+    assert conv1.min() < 0 and conv1.abs().max() <= 1
+
+
 def test_no_lrn(images: torch.Tensor) -> None:
     model = build_model(lrn=False).eval()
     assert not any(isinstance(m, (LocalResponseNorm, nn.LocalResponseNorm)) for m in model.modules())
@@ -255,7 +281,8 @@ def test_dropout_switch() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(variant="nope"), dict(groups=3), dict(init="xavier"), dict(dropout=1.0), dict(num_classes=0)],
+    [dict(variant="nope"), dict(groups=3), dict(init="xavier"), dict(dropout=1.0), dict(num_classes=0),
+     dict(activation="sigmoid")],
 )
 def test_bad_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError):

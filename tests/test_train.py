@@ -41,6 +41,46 @@ def test_plateau_schedule_divides_by_ten_at_most_three_times():
     assert restored.lr == s.lr
 
 
+def test_plateau_schedule_waits_before_the_first_drop_and_between_drops():
+    # A run stalled from the start (the error never improves) with patience 2: without the minimum spacing the
+    # three drops would come at epochs 3, 5 and 7; with 10 / 10 they come at epochs 10, 20 and 30.
+    s = LRSchedule(0.01, "plateau", patience=2, threshold=0.001, max_drops=3, min_epochs_before=10,
+                   min_epochs_between=10)
+    drops = [epoch + 1 for epoch in range(40) if s.step(epoch, 0.9)]
+    assert drops == [10, 20, 30]
+    eager = LRSchedule(0.01, "plateau", patience=2, threshold=0.001, max_drops=3)
+    assert [epoch + 1 for epoch in range(40) if eager.step(epoch, 0.9)] == [3, 5, 7]
+    restored = LRSchedule(0.01, "plateau", patience=2, min_epochs_before=10, min_epochs_between=10)
+    restored.load_state_dict(s.state_dict())
+    assert restored.last_drop_epoch == 30 and restored.drops == 3
+    paper = load_config(ROOT / "configs" / "paper.yaml").train
+    assert (paper.min_epochs_before_drop, paper.min_epochs_between_drops, paper.max_lr_drops) == (10, 10, 3)
+
+
+def test_chance_loss_warning():
+    from alexnet.train import chance_loss_warning
+
+    assert "STALLED" in chance_loss_warning(6.90, 1000)  # ln(1000) = 6.908
+    assert "STALLED" in chance_loss_warning(math.log(10) * 1.009, 10)
+    assert chance_loss_warning(6.80, 1000) is None  # more than 1% below
+    assert chance_loss_warning(1.5, 10) is None
+
+
+def test_stalled_start_is_loud_in_the_log_and_mlflow(tmp_path, caplog):
+    from alexnet.tracking import RunLogger
+    from alexnet.train import warn_if_stalled
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = RunLogger(store, "stall", run_name="stalled")
+    with caplog.at_level("WARNING", logger="alexnet.train"):
+        assert warn_if_stalled(math.log(10) + 0.001, 10, tracker)
+        assert warn_if_stalled(1.2, 10, tracker) is None
+    warnings = [r.getMessage() for r in caplog.records if r.name == "alexnet.train" and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "STALLED AT CHANCE" in warnings[0]
+    run = mlflow.MlflowClient(store).get_run(tracker.run_id)
+    assert "ln(10)" in run.data.tags["warning.loss_at_chance"] and run.data.metrics["loss_at_chance"] == 1.0
+
+
 def test_step_schedule():
     s = LRSchedule(0.1, "step", step_epochs=[2, 4])
     lrs = []
