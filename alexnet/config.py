@@ -102,7 +102,7 @@ class TrainConfig(_Ranged):
     resume: Literal["auto", "force", "never"] = "auto"
     max_failures: int = 3  #: worker-group restarts from the last checkpoint
     checkpoints_to_keep: int = 2
-    log_every: int = 50  #: steps between progress lines
+    log_every: int = 50  #: steps between progress lines; 0 = none
 
 
 @dataclass
@@ -185,7 +185,7 @@ RANGES: dict[str, str] = {
     "train.cpus_per_worker": "(0, inf)",
     "train.max_failures": "[0, inf)",
     "train.checkpoints_to_keep": "[1, inf)",
-    "train.log_every": "[1, inf)",
+    "train.log_every": "[0, inf)",  # 0: no progress lines
     "transfer.c_grid": "(0, inf)",
     "transfer.feature_batch_size": "[1, inf)",
     "transfer.feature_actors": "[0, inf)",  # 0: automatic
