@@ -260,8 +260,13 @@ def test_an_empty_caltech_category_is_named_in_the_log_the_manifest_and_by_trans
         manifest = prepare.prepare_dataset("caltech101", str(tmp_path / "src"), str(tmp_path / "out"))
     assert "101_ObjectCategories/ferry holds no images" in caplog.text
     assert manifest["num_classes"] == 1 and manifest["empty_classes"] == ["101_ObjectCategories/ferry"]
-    # the protocol (30 + 1 images per category; here 3 + 1) refuses it, naming the folder and its count
-    code = main(["transfer", "caltech101", "--data", str(tmp_path / "out"), "--checkpoint", str(tmp_path / "none"),
+    # the protocol (30 + 1 images per category; here 3 + 1) refuses it, naming the folder and its count; the
+    # checkpoint is read first (a crafted one fails before any data work), so a loadable state dict stands in
+    import torch
+
+    torch.save({"weight": torch.zeros(1)}, tmp_path / "weights.pth")
+    code = main(["transfer", "caltech101", "--data", str(tmp_path / "out"),
+                 "--checkpoint", str(tmp_path / "weights.pth"),
                  "--method", "probe", "--no-tracking", "--set", "transfer.caltech_train_per_class=3",
                  "--set", "transfer.caltech_val_per_class=1"])
     err = capsys.readouterr().err
