@@ -12,6 +12,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from pipelines.rayutil import ADDRESS_HELP
+
 Handler = Callable[[argparse.Namespace], int | None]
 
 
@@ -280,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rebuild OUT: delete the files a previous prepare wrote there first (refused when OUT "
                        "holds other files and no prepared dataset)")
         p.add_argument("--seed", type=_COUNT, default=0, help="seed of the train-row order across shards")
-        p.add_argument("--ray-address", help="Ray cluster to run on (default: RAY_ADDRESS, else local)")
+        p.add_argument("--ray-address", help=ADDRESS_HELP)
         p.set_defaults(handler=_prepare)
 
     # stats
@@ -293,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, metavar="URI", help="a prepared dataset (folder or s3://...)")
     s.add_argument("--split", default="train", help="split to use (default train)")
     s.add_argument("--batch-size", type=_AT_LEAST_1, default=64, help="images per Ray Data batch")
-    s.add_argument("--ray-address", help="Ray cluster to run on (default: RAY_ADDRESS, else local)")
+    s.add_argument("--ray-address", help=ADDRESS_HELP)
     s.set_defaults(handler=_stats)
 
     # train
@@ -380,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     fig.add_argument("--batch-size", type=_AT_LEAST_1, default=128, help="images per feature-extraction batch")
     fig.add_argument("--use-gpu", action="store_true", help="one GPU per feature-extraction actor")
     fig.add_argument("--feature-actors", type=_COUNT, default=0, help="feature-extraction actors (default: per CPU/GPU)")
-    fig.add_argument("--ray-address", help="Ray cluster to run on (default: RAY_ADDRESS, else local)")
+    fig.add_argument("--ray-address", help=ADDRESS_HELP)
     _add_tracking_options(fig)
     fig.set_defaults(handler=_figures, figure="checkpoint")
     fig_sets = fig.add_subparsers(dest="figure", metavar="FIGURE")

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from pipelines import ranges
+from pipelines.rayutil import ADDRESS_HELP
 
 
 class _Ranged:
@@ -329,7 +330,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="prepared dataset URI (sets data.data)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set train.epochs=10 (repeatable)")
-    parser.add_argument("--ray-address", help="Ray cluster (default: RAY_ADDRESS, else local)")
+    parser.add_argument("--ray-address", help=ADDRESS_HELP)
     parser.add_argument("--no-tracking", dest="tracking", action="store_false", help="do not log to MLflow")
 
 
@@ -352,7 +353,7 @@ def add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--imagenet-stats", default=None,
                         help="prepared ImageNet holding the stats.json/mean_image.npy the checkpoint was trained with "
                              "(default: the dataset in the checkpoint's config)")
-    parser.add_argument("--ray-address", help="Ray cluster (default: RAY_ADDRESS, else local)")
+    parser.add_argument("--ray-address", help=ADDRESS_HELP)
     parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the preset's)")
     parser.add_argument("--no-tracking", dest="tracking", action="store_false", help="do not log to MLflow")

@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 
 #: Values of ``--ray-address`` / ``RAY_ADDRESS`` that mean "start a local instance" (as in ``ray.init``).
 LOCAL_ADDRESSES = ("", "local")
+#: The help of every ``--ray-address`` option.
+ADDRESS_HELP = ("Ray cluster to run on: its address, 'auto' (the cluster `ray start` recorded on this machine) or "
+                "'local' (a fresh local instance); default RAY_ADDRESS, else local")
 #: Where Ray's state API and job clients look for the dashboard before anything else.
 API_SERVER_VARIABLE = "RAY_API_SERVER_ADDRESS"
 
