@@ -628,7 +628,8 @@ def run_training(cfg: Config, *, ray_address: str | None = None, tracking: bool 
     cfg.data.data = storage.absolute(cfg.data.data)
     manifest = prepare.load_manifest(cfg.data.data)  # fail here, clearly, rather than in every worker
     # Refused here, before fit(): a worker's error would be retried train.max_failures times.
-    resumes = check_resume(cfg, manifest_sha256=prepare.manifest_hash(cfg.data.data),
+    manifest_sha256 = prepare.manifest_hash(cfg.data.data)
+    resumes = check_resume(cfg, manifest_sha256=manifest_sha256,
                            num_classes=cfg.model.num_classes or manifest["num_classes"])
     if resumes:
         log.info("train.run_name=%s resumes from %s", cfg.train.run_name, resumes)
@@ -639,8 +640,7 @@ def run_training(cfg: Config, *, ray_address: str | None = None, tracking: bool 
     storage_path, storage_filesystem = ray_storage(cfg.train.storage_path)
     loop_config: dict[str, Any] = {"config": cfg.to_dict(), "parent_run_id": parent_run_id,
                                    "tags": {"git_commit": git_commit(),
-                                            "data_manifest_sha256": prepare.manifest_hash(cfg.data.data),
-                                            **(tags or {})}}
+                                            "data_manifest_sha256": manifest_sha256, **(tags or {})}}
     if tracking:
         loop_config["tracking_uri"] = resolve_tracking_uri(cfg.tracking.tracking_uri or None)
     trainer = TorchTrainer(
