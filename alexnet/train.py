@@ -12,11 +12,8 @@ epochs. The driver (``run_training``) builds a ``TorchTrainer``; ``train_loop_pe
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
-import math
-import os
 import random
 import sys
 import tempfile
@@ -32,103 +29,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from alexnet.augment import Augmentation
+from alexnet.checkpoints import (  # noqa: F401 - re-exported: the checkpoint API's import path stays alexnet.train
+    CHECKPOINT_FILE, RAY_CHECKPOINT_SNAPSHOT, RESUME_DATA_KEYS, ResumeRefused, check_resume, checkpoint_config,
+    checkpoint_state, latest_checkpoint, load_checkpoint, model_from_checkpoint, model_kwargs, resume_differences,
+    read_checkpoint_meta, rng_state, safe_torch_load, save_checkpoint_files, set_rng_state, unwrap)
 from alexnet.config import Config, add_train_arguments, config_from_args
 from alexnet.model import build_model
+from alexnet.recipe import LRSchedule, build_optimizer, chance_loss_warning, set_lr  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pt"
 PAPER_BATCH = 128
 
 
-# --- the recipe ---------------------------------------------------------------------------------------------------
-
-
-def build_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    """SGD with momentum; weight decay on weights only (cuda-convnet, which the paper used, has none on biases).
-
-    PyTorch's update ``v <- m v + g + wd w; w <- w - lr v`` equals the paper's
-    ``v <- 0.9 v - 0.0005 lr w - lr g; w <- w + v`` while the learning rate is constant (``v_paper = -lr v``).
-    """
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    return torch.optim.SGD(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        momentum=momentum,
-    )
-
-
-@dataclass
-class LRSchedule:
-    """The paper's rule: divide the learning rate by 10 when the validation error stops improving, at most
-    ``max_drops`` times; or fixed ``step_epochs``. Its state travels in checkpoints.
-
-    Plateau drops wait for ``min_epochs_before`` completed epochs and for ``min_epochs_between`` epochs after the
-    previous drop: a start that stalls at the chance loss would otherwise spend all three drops in its first
-    ``3 * patience`` epochs and never learn (the paper's drops came after tens of epochs each)."""
-
-    base_lr: float
-    kind: str = "plateau"
-    patience: int = 5
-    threshold: float = 0.001
-    max_drops: int = 3
-    step_epochs: list[int] = field(default_factory=list)
-    min_epochs_before: int = 0
-    min_epochs_between: int = 0
-    best: float = math.inf
-    bad_epochs: int = 0
-    drops: int = 0
-    last_drop_epoch: int = 0  #: completed epochs at the latest drop
-
-    @property
-    def lr(self) -> float:
-        return self.base_lr * 0.1**self.drops
-
-    def step(self, epoch: int, val_error: float) -> bool:
-        """Record the validation error after ``epoch`` (0-based); returns True when the rate was divided."""
-        before = self.drops
-        if self.kind == "step":
-            self.drops = sum(1 for e in self.step_epochs if e <= epoch + 1)
-        else:
-            if val_error < self.best - self.threshold:
-                self.best, self.bad_epochs = val_error, 0
-            else:
-                self.bad_epochs += 1
-                done = epoch + 1
-                waited = done >= (self.min_epochs_before if self.drops == 0
-                                  else self.last_drop_epoch + self.min_epochs_between)
-                if self.bad_epochs >= self.patience and self.drops < self.max_drops and waited:
-                    self.drops += 1
-                    self.bad_epochs = 0
-                    self.last_drop_epoch = done
-        return self.drops != before
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "bad_epochs": self.bad_epochs, "drops": self.drops,
-                "last_drop_epoch": self.last_drop_epoch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.bad_epochs, self.drops = state["best"], state["bad_epochs"], state["drops"]
-        self.last_drop_epoch = state.get("last_drop_epoch", 0)  # checkpoints from before the minimum spacing
-
-
-def chance_loss_warning(train_loss: float, num_classes: int, *, tolerance: float = 0.01) -> str | None:
-    """A warning when the training loss is still within ``tolerance`` (relative) of the chance loss
-    ``ln(num_classes)``: the known stall of the paper's init (some reproductions never leave 6.91)."""
-    chance = math.log(num_classes)
-    if num_classes < 2 or abs(train_loss - chance) > tolerance * chance:
-        return None
-    return (f"TRAINING IS STALLED AT CHANCE: train loss {train_loss:.4f} is within {tolerance:.0%} of "
-            f"ln({num_classes}) = {chance:.4f} after the first epoch; with the paper's init (biases 1) some "
-            "reproductions never leave it: check data.pixel_scale (255 for the paper net), or try "
-            "model.init=caffe or kaiming")
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every parameter group at ``lr``, times the group's ``lr_mult`` where it has one (fine-tuning)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_mult", 1.0)
+# --- one step ------------------------------------------------------------------------------------------------------
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
@@ -140,7 +54,8 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
 # --- one epoch, evaluation -----------------------------------------------------------------------------------------
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's global generators seeded from ``seed``."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -240,170 +155,6 @@ def errors(sums: dict[str, float]) -> dict[str, float]:
             "top5_err": (sums["seen"] - sums["top5"]) / n}
 
 
-# --- checkpoints ---------------------------------------------------------------------------------------------------
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain ``AlexNet`` inside DDP and/or ``torch.compile`` wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
-def checkpoint_state(*, model, optimizer, schedule, epoch, config, num_classes, manifest_sha256, stats_sha256,
-                     history, mlflow_run_id) -> dict[str, Any]:
-    """Everything needed to resume or to evaluate, self-described (nanoGPT style)."""
-    return {
-        "model": unwrap(model).state_dict(),
-        "num_classes": num_classes,
-        "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(),
-        "epoch": epoch,  # completed epochs
-        "rng": rng_state(),
-        "config": config,
-        "data_manifest_sha256": manifest_sha256,
-        "stats_sha256": stats_sha256,
-        "history": history,
-        "mlflow_run_id": mlflow_run_id,
-        "torch_version": str(torch.__version__),  # TorchVersion is a class weights_only=True does not load
-    }
-
-
-def rng_state() -> dict[str, Any]:
-    """The RNG states of torch, numpy and Python in types ``torch.load(weights_only=True)`` loads: tensors, ints,
-    floats, strings and tuples (numpy's state as an int64 tensor and ints, not an ndarray and numpy scalars)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": {"bit_generator": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": (int(version), tuple(int(x) for x in internal), None if gauss_next is None else float(gauss_next)),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` saved."""
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def safe_torch_load(source: str | Path | bytes, *, name: str) -> Any:
-    """``torch.load(weights_only=True)``: tensors and plain data only, never an object whose unpickling runs code.
-    Anything else is refused with a one-line error naming ``name`` (the file's URI)."""
-    import pickle
-
-    f = io.BytesIO(source) if isinstance(source, bytes) else source
-    try:
-        return torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line),
-                      str(e).splitlines()[0] if str(e) else type(e).__name__)
-        raise ValueError(f"refusing to load {name}: it holds objects other than tensors and plain data, whose "
-                         f"unpickling could run code ({reason}); load only checkpoints written by this pipeline's "
-                         "`alexnet train` (or torchvision state dicts)") from None
-
-
-def load_checkpoint(uri: str) -> dict[str, Any]:
-    """A checkpoint from a file or checkpoint folder URI (local or s3://)."""
-    from pipelines import storage
-
-    if not uri.endswith(".pt"):
-        uri = storage.join(uri, CHECKPOINT_FILE)
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri} not found: pass a checkpoint folder written by `alexnet train` or its {CHECKPOINT_FILE}")
-    return safe_torch_load(storage.read_bytes(uri), name=uri)
-
-
-#: Ray Train's record of a run's checkpoints; a rerun of the same name resumes from its latest one.
-RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
-#: Settings that change what the network is or what it learns from; a resumed run must keep them (with
-#: ``train.resume=auto``). Every ``model.*`` key counts too.
-RESUME_DATA_KEYS = ("train_split", "val_split", "normalize", "pixel_scale", "crop")
-
-
-class ResumeRefused(ValueError):
-    """A rerun of ``train.run_name`` would continue a checkpoint of other data or another model (not retried)."""
-
-
-def latest_checkpoint(storage_path: str, run_name: str) -> str | None:
-    """The URI of the checkpoint folder a rerun of ``run_name`` under ``storage_path`` resumes from, or None."""
-    from pipelines import storage
-
-    run_dir = storage.join(storage.absolute(storage_path), run_name)
-    folders = sorted({p.replace(os.sep, "/").split("/")[0] for p, _ in storage.list_files(run_dir)
-                      if p.replace(os.sep, "/").endswith("/" + CHECKPOINT_FILE)})
-    if not folders:
-        return None
-    latest = folders[-1]  # Ray names them by time: checkpoint_2026-01-31_12-00-00.123456
-    snapshot = storage.join(run_dir, RAY_CHECKPOINT_SNAPSHOT)
-    if storage.exists(snapshot):
-        try:
-            named = (storage.read_json(snapshot).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-        except ValueError:
-            named = None
-        latest = named if named in folders else latest
-    return storage.join(run_dir, latest)
-
-
-def resume_differences(state: dict[str, Any], cfg: Config, *, manifest_sha256: str, num_classes: int) -> list[str]:
-    """What differs between a checkpoint and the run about to continue it: the data (manifest sha256), the number
-    of classes, ``model.*`` and the data settings of ``RESUME_DATA_KEYS``."""
-    saved = checkpoint_config(state)  # a checkpoint from before data.pixel_scale reads as scale 1
-    diffs = []
-    if state.get("data_manifest_sha256") != manifest_sha256:
-        diffs.append(f"data manifest sha256 {str(state.get('data_manifest_sha256'))[:12]} != {manifest_sha256[:12]} "
-                     f"(now {cfg.data.data})")
-    if state.get("num_classes") != num_classes:
-        diffs.append(f"num_classes {state.get('num_classes')} != {num_classes}")
-    was, now = saved.to_dict(), cfg.to_dict()
-    keys = [("model", k) for k in now["model"]] + [("data", k) for k in RESUME_DATA_KEYS]
-    diffs += [f"{s}.{k} {was[s].get(k)!r} != {now[s][k]!r}" for s, k in keys if was[s].get(k) != now[s][k]]
-    return diffs
-
-
-def check_resume(cfg: Config, *, manifest_sha256: str, num_classes: int) -> str | None:
-    """Before any training: the checkpoint a rerun of ``train.run_name`` would resume (None: a fresh run), or
-    ``ResumeRefused`` when it was made from other data or another model (``train.resume=auto``) or resuming is off
-    (``never``). Its file is read with ``weights_only=True``: a crafted checkpoint fails here, not in a worker."""
-    uri = latest_checkpoint(cfg.train.storage_path, cfg.train.run_name)
-    if uri is None or cfg.train.resume == "force":
-        return uri
-    way_out = (f"choose a new train.run_name, or pass train.resume=force to continue {cfg.train.run_name!r} anyway")
-    if cfg.train.resume == "never":
-        raise ResumeRefused(f"train.run_name={cfg.train.run_name} already has a checkpoint ({uri}) and "
-                            f"train.resume=never: choose a new train.run_name (or train.resume=auto to continue it)")
-    diffs = resume_differences(load_checkpoint(uri), cfg, manifest_sha256=manifest_sha256, num_classes=num_classes)
-    if diffs:
-        raise ResumeRefused(f"refusing to resume train.run_name={cfg.train.run_name} from {uri}: it was trained "
-                            f"with {'; '.join(diffs)}; {way_out}")
-    return uri
-
-
-def model_from_checkpoint(state: dict[str, Any]) -> nn.Module:
-    """The trained network of a checkpoint, on the CPU, in eval mode."""
-    model = build_model(**_model_kwargs(checkpoint_config(state), num_classes=state["num_classes"]))
-    model.load_state_dict(state["model"])
-    return model.eval()
-
-
-def checkpoint_config(state: dict[str, Any]) -> Config:
-    """The resolved config a checkpoint was trained with."""
-    raw = {name: dict(section) for name, section in (state.get("config") or {}).items()}
-    # Checkpoints written before data.pixel_scale existed were trained on [0, 1] pixels.
-    raw.setdefault("data", {}).setdefault("pixel_scale", 1)
-    return Config.from_dict(raw)
-
 
 def augmentation_for(cfg: Config, stats: dict[str, Any], mean_image: Any) -> Augmentation:
     """The input pipeline of ``cfg.data`` with the dataset's ``stats.json`` and mean image: the one definition of
@@ -411,12 +162,6 @@ def augmentation_for(cfg: Config, stats: dict[str, Any], mean_image: Any) -> Aug
     d = cfg.data
     return Augmentation.from_stats(stats, mean_image, normalize=d.normalize, lighting_std=d.lighting_std,
                                    crop=d.crop, pixel_scale=d.pixel_scale)
-
-
-def _model_kwargs(cfg: Config, *, num_classes: int) -> dict[str, Any]:
-    m = cfg.model
-    return dict(variant=m.variant, num_classes=num_classes, lrn=m.lrn, overlap_pool=m.overlap_pool,
-                groups=m.groups, dropout=m.dropout, init=m.init, activation=m.activation)
 
 
 def warn_if_stalled(train_loss: float, num_classes: int, tracker: Any | None) -> str | None:
@@ -434,7 +179,8 @@ def warn_if_stalled(train_loss: float, num_classes: int, tracker: Any | None) ->
 # --- the Ray Train worker --------------------------------------------------------------------------------------------
 
 
-def _all_reduce(sums: dict[str, float], device: torch.device) -> dict[str, float]:
+def all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:
+    """``sums`` added over all ranks (unchanged without a process group)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -462,8 +208,38 @@ def restore_latest(filename: str, model: nn.Module, optimizer: torch.optim.Optim
     return state
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Thin adapter: Ray Train context -> model, data, optimiser -> epochs of train_one_epoch + evaluate."""
+def epoch_seeds(seed: int, epoch: int, rank: int, generator: torch.Generator) -> None:
+    """Per-epoch seeds: a resumed epoch draws exactly what an uninterrupted one would have drawn."""
+    seed_everything(seed * 1_000_003 + epoch * 1009 + rank)
+    generator.manual_seed(seed * 7919 + epoch * 104_729 + rank)
+
+
+@dataclass
+class WorkerRun:
+    """What a training worker holds from one epoch to the next."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    augmentation: Augmentation
+    train_reader: Any
+    val_reader: Any
+    generator: torch.Generator
+    num_classes: int
+    manifest_sha256: str
+    stats_sha256: str | None
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+    tracker: Any | None = None
+
+
+def setup_worker(loop_config: dict[str, Any]) -> WorkerRun:
+    """Ray Train context -> model, optimiser, schedule (restored when resuming), data readers and the tracker."""
     import ray.train
     import ray.train.torch
 
@@ -485,8 +261,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     num_classes = cfg.model.num_classes or manifest["num_classes"]
     augmentation = augmentation_for(cfg, stats, mean_image).to(device)
 
-    _seed_everything(cfg.train.seed)  # identical initial weights on every rank
-    model = build_model(**_model_kwargs(cfg, num_classes=num_classes))
+    seed_everything(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(**model_kwargs(cfg, num_classes=num_classes))
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
@@ -524,63 +300,86 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                limit=cfg.data.limit_train or None, **common)
     val_reader = ShardReader(cfg.data.data, cfg.data.val_split, batch_size=per_worker_batch, shuffle=False,
                              limit=cfg.data.limit_val or None, **common)
-    generator = torch.Generator(device=device)
-    manifest_sha = prepare.manifest_hash(cfg.data.data)
+    return WorkerRun(cfg=cfg, rank=rank, world=world, device=device, model=model, optimizer=optimizer,
+                     schedule=schedule, augmentation=augmentation, train_reader=train_reader, val_reader=val_reader,
+                     generator=torch.Generator(device=device), num_classes=num_classes,
+                     manifest_sha256=prepare.manifest_hash(cfg.data.data),
+                     stats_sha256=stats.get("mean_image_sha256"), start_epoch=start_epoch, history=history,
+                     mlflow_run_id=mlflow_run_id, tracker=tracker)
 
-    for epoch in range(start_epoch, cfg.train.epochs):
-        # Per-epoch seeds: a resumed epoch draws exactly what an uninterrupted one would have drawn.
-        _seed_everything(cfg.train.seed * 1_000_003 + epoch * 1009 + rank)
-        generator.manual_seed(cfg.train.seed * 7919 + epoch * 104_729 + rank)
-        train_reader.set_epoch(epoch)
-        tr = _all_reduce(train_one_epoch(model, train_reader, optimizer, augmentation, device=device,
-                                         generator=generator, bf16=cfg.train.bf16,
+
+def run_epoch(run: WorkerRun, epoch: int) -> dict[str, Any]:
+    """One epoch of ``train_one_epoch`` and ``evaluate`` (all-reduced), the schedule's step, the metrics logged."""
+    cfg, device = run.cfg, run.device
+    epoch_seeds(cfg.train.seed, epoch, run.rank, run.generator)
+    run.train_reader.set_epoch(epoch)
+    tr = all_reduce_sums(train_one_epoch(run.model, run.train_reader, run.optimizer, run.augmentation, device=device,
+                                         generator=run.generator, bf16=cfg.train.bf16,
                                          channels_last=cfg.train.channels_last,
                                          label_smoothing=cfg.train.label_smoothing,
-                                         log_every=cfg.train.log_every if rank == 0 else 0, epoch=epoch), device)
-        va = errors(_all_reduce(evaluate(model, val_reader, augmentation, device=device, bf16=cfg.train.bf16,
-                                         channels_last=cfg.train.channels_last), device))
-        metrics = {
-            "epoch": epoch + 1,
-            "lr": schedule.lr,
-            "train_loss": tr["loss_sum"] / max(1, tr["seen"]),
-            "train_top1_err": 1 - tr["correct"] / max(1, tr["seen"]),
-            "val_loss": va["loss"],
-            "val_top1_err": va["top1_err"],
-            "val_top5_err": va["top5_err"],
-            "images_per_s": tr["seen"] / max(1e-9, tr["seconds"] / world),
-        }
-        if epoch == 0 and rank == 0:
-            warn_if_stalled(metrics["train_loss"], num_classes, tracker)
-        if schedule.step(epoch, va["top1_err"]):
-            set_lr(optimizer, schedule.lr)
-            if rank == 0:
-                log.info("validation error stopped improving: learning rate now %g", schedule.lr)
-        history.append(metrics)
-        if tracker:
-            tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                state = checkpoint_state(model=model, optimizer=optimizer, schedule=schedule, epoch=epoch + 1,
-                                         config=cfg.to_dict(), num_classes=num_classes,
-                                         manifest_sha256=manifest_sha,
-                                         stats_sha256=stats.get("mean_image_sha256"), history=history,
-                                         mlflow_run_id=mlflow_run_id)
-                torch.save(state, Path(tmp) / CHECKPOINT_FILE)
-                (Path(tmp) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics | {"mlflow_run_id": mlflow_run_id or ""}, checkpoint=ckpt)
-        if rank == 0:
-            log.info("epoch %d/%d: %s", epoch + 1, cfg.train.epochs,
-                     ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
+                                         log_every=cfg.train.log_every if run.rank == 0 else 0, epoch=epoch), device)
+    va = errors(all_reduce_sums(evaluate(run.model, run.val_reader, run.augmentation, device=device,
+                                         bf16=cfg.train.bf16, channels_last=cfg.train.channels_last), device))
+    metrics = {
+        "epoch": epoch + 1,
+        "lr": run.schedule.lr,
+        "train_loss": tr["loss_sum"] / max(1, tr["seen"]),
+        "train_top1_err": 1 - tr["correct"] / max(1, tr["seen"]),
+        "val_loss": va["loss"],
+        "val_top1_err": va["top1_err"],
+        "val_top5_err": va["top5_err"],
+        "images_per_s": tr["seen"] / max(1e-9, tr["seconds"] / run.world),
+    }
+    if epoch == 0 and run.rank == 0:
+        warn_if_stalled(metrics["train_loss"], run.num_classes, run.tracker)
+    if run.schedule.step(epoch, va["top1_err"]):
+        set_lr(run.optimizer, run.schedule.lr)
+        if run.rank == 0:
+            log.info("validation error stopped improving: learning rate now %g", run.schedule.lr)
+    run.history.append(metrics)
+    if run.tracker:
+        run.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
+    return metrics
 
-    if tracker:
-        tracker.log_dict(cfg.to_dict(), "config.json")
-        tracker.log_dict(history, "history.json")
-        tracker.log_curves(history)
-        if cfg.tracking.log_model:
-            tracker.log_model(unwrap(model).cpu(), registered_model=cfg.tracking.registered_model or None)
-        tracker.end()
+
+def save_checkpoint(run: WorkerRun, metrics: dict[str, Any]) -> None:
+    """Report the epoch to Ray Train with a checkpoint written by rank 0 (``checkpoint.pt``, its ``meta.json``
+    sidecar and ``config.json``)."""
+    import ray.train
+
+    cfg, epoch = run.cfg, metrics["epoch"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if run.rank == 0:
+            state = checkpoint_state(model=run.model, optimizer=run.optimizer, schedule=run.schedule, epoch=epoch,
+                                     config=cfg.to_dict(), num_classes=run.num_classes,
+                                     manifest_sha256=run.manifest_sha256, stats_sha256=run.stats_sha256,
+                                     history=run.history, mlflow_run_id=run.mlflow_run_id)
+            save_checkpoint_files(state, tmp)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics | {"mlflow_run_id": run.mlflow_run_id or ""}, checkpoint=ckpt)
+    if run.rank == 0:
+        log.info("epoch %d/%d: %s", epoch, cfg.train.epochs,
+                 ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
+
+
+def finish_worker(run: WorkerRun) -> None:
+    """Rank 0: the config, history, curves and (``tracking.log_model``) the model in MLflow."""
+    if run.tracker:
+        run.tracker.log_dict(run.cfg.to_dict(), "config.json")
+        run.tracker.log_dict(run.history, "history.json")
+        run.tracker.log_curves(run.history)
+        if run.cfg.tracking.log_model:
+            run.tracker.log_model(unwrap(run.model).cpu(), registered_model=run.cfg.tracking.registered_model or None)
+        run.tracker.end()
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Thin adapter: set up, then epochs of ``train_one_epoch`` + ``evaluate``, each ending in a checkpoint."""
+    run = setup_worker(loop_config)
+    for epoch in range(run.start_epoch, run.cfg.train.epochs):
+        save_checkpoint(run, run_epoch(run, epoch))
+    finish_worker(run)
 
 
 # --- the driver ----------------------------------------------------------------------------------------------------
@@ -605,6 +404,40 @@ def checkpoint_uri_of(result: Any, storage_filesystem: Any) -> str | None:
     return result.checkpoint.path if storage_filesystem is None else f"s3://{result.checkpoint.path}"
 
 
+def make_trainer(loop_per_worker: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], *, run_name: str,
+                 storage_path: str, num_workers: int, cpus_per_worker: float, use_gpu: bool, max_failures: int,
+                 checkpoints_to_keep: int) -> tuple[Any, Any]:
+    """``(TorchTrainer, storage_filesystem)`` of one Ray Train run, for training and fine-tuning alike: ``nccl``
+    on GPUs else ``gloo``, ``num_workers`` workers of ``cpus_per_worker`` CPUs (and a GPU each with ``use_gpu``),
+    checkpoints under ``storage_path/run_name`` (a rerun of the same name resumes), the storage's credentials
+    forwarded to the workers."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines import storage
+
+    path, storage_filesystem = ray_storage(storage_path)
+    trainer = TorchTrainer(
+        loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {}),
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=path,
+            storage_filesystem=storage_filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=checkpoints_to_keep),
+            worker_runtime_env=storage.worker_env() or None,
+        ),
+    )
+    return trainer, storage_filesystem
+
+
 @dataclass
 class TrainResult:
     metrics: dict[str, Any]
@@ -616,9 +449,6 @@ class TrainResult:
 def run_training(cfg: Config, *, ray_address: str | None = None, tracking: bool = True,
                  parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> TrainResult:
     """Train with Ray Train as ``cfg`` says; rerunning the same ``train.run_name`` resumes it."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from alexnet.tracking import git_commit, resolve_tracking_uri
     from pipelines import prepare, storage
     from pipelines.rayutil import check_resources, ensure_ray
@@ -637,35 +467,21 @@ def run_training(cfg: Config, *, ray_address: str | None = None, tracking: bool 
     check_resources("train", num_workers=cfg.train.num_workers, cpus_per_worker=cfg.train.cpus_per_worker,
                     use_gpu=cfg.train.use_gpu)
 
-    storage_path, storage_filesystem = ray_storage(cfg.train.storage_path)
     loop_config: dict[str, Any] = {"config": cfg.to_dict(), "parent_run_id": parent_run_id,
                                    "tags": {"git_commit": git_commit(),
                                             "data_manifest_sha256": manifest_sha256, **(tags or {})}}
     if tracking:
         loop_config["tracking_uri"] = resolve_tracking_uri(cfg.tracking.tracking_uri or None)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {}),
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.train.run_name,
-            storage_path=storage_path,
-            storage_filesystem=storage_filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
-            worker_runtime_env=storage.worker_env() or None,
-        ),
-    )
+    t = cfg.train
+    trainer, storage_filesystem = make_trainer(
+        train_loop_per_worker, loop_config, run_name=t.run_name, storage_path=t.storage_path,
+        num_workers=t.num_workers, cpus_per_worker=t.cpus_per_worker, use_gpu=t.use_gpu,
+        max_failures=t.max_failures, checkpoints_to_keep=t.checkpoints_to_keep)
     result = trainer.fit()
     checkpoint_uri = checkpoint_uri_of(result, storage_filesystem)
     history = []
     if checkpoint_uri:
-        history = load_checkpoint(checkpoint_uri).get("history", [])
+        history = read_checkpoint_meta(checkpoint_uri).get("history") or []
     metrics = dict(result.metrics or {})
     return TrainResult(metrics, checkpoint_uri, metrics.get("mlflow_run_id") or None, history)
 

@@ -593,7 +593,7 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from alexnet.data import Batch
-    from alexnet.train import LRSchedule, _seed_everything, restore_latest, set_lr, train_one_epoch, unwrap
+    from alexnet.train import LRSchedule, epoch_seeds, restore_latest, seed_everything, set_lr, train_one_epoch, unwrap
 
     c = loop_config
     ctx = ray.train.get_context()
@@ -605,7 +605,7 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
         raise ValueError(f"transfer.batch_size {c['batch_size']} is not divisible by {world} workers")
     per_worker = c["batch_size"] // world
 
-    _seed_everything(c["seed"])  # identical new heads on every rank
+    seed_everything(c["seed"])  # identical new heads on every rank
     backbone = load_backbone(c["checkpoint"], imagenet_stats=c["imagenet_stats"])
     model = backbone.model
     head = replace_head(model, c["num_classes"])
@@ -628,8 +628,7 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
     generator = torch.Generator(device=device)
 
     for epoch in range(start_epoch, c["epochs"]):
-        _seed_everything(c["seed"] * 1_000_003 + epoch * 1009 + rank)
-        generator.manual_seed(c["seed"] * 7919 + epoch * 104_729 + rank)
+        epoch_seeds(c["seed"], epoch, rank, generator)
         order = torch.randperm(len(mine), generator=torch.Generator().manual_seed(c["seed"] + 31 * epoch))
         steps = len(mine) // per_worker if len(mine) >= per_worker else 1
         batches = (Batch(torch.from_numpy(images[order[i * per_worker:(i + 1) * per_worker].numpy()]),
@@ -662,17 +661,12 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def finetune(index: DatasetIndex, data: str, checkpoint: str, split: ProtocolSplit, cfg: TransferConfig, *,
              run_name: str, imagenet_stats: str | None = None) -> dict[str, Any]:
     """Fine-tune on ``split.train`` with Ray Train and score ``split.test``; rerunning ``run_name`` resumes."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from alexnet.train import checkpoint_uri_of, ray_storage, safe_torch_load
-    from pipelines import storage
+    from alexnet.train import checkpoint_uri_of, make_trainer, safe_torch_load
 
     if index.multilabel:  # multi-hot, with -1 where the label is "difficult" (ignored by the loss)
         targets = np.where(index.difficult, -1, index.labels).astype(np.float32)
     else:
         targets = index.labels
-    storage_path, storage_filesystem = ray_storage(cfg.storage_path)
     loop_config = {
         "data": data, "checkpoint": checkpoint, "imagenet_stats": imagenet_stats,
         "num_classes": index.num_classes, "multilabel": index.multilabel,
@@ -682,19 +676,10 @@ def finetune(index: DatasetIndex, data: str, checkpoint: str, split: ProtocolSpl
         "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "step_epochs": list(cfg.step_epochs),
         "seed": cfg.seed, "cpus_per_worker": cfg.cpus_per_worker,
     }
-    trainer = TorchTrainer(
-        finetune_loop_per_worker,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=2),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            worker_runtime_env=storage.worker_env() or None),
-    )
+    trainer, storage_filesystem = make_trainer(
+        finetune_loop_per_worker, loop_config, run_name=run_name, storage_path=cfg.storage_path,
+        num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu, max_failures=2,
+        checkpoints_to_keep=1)
     result = trainer.fit()
     uri = checkpoint_uri_of(result, storage_filesystem)
     if uri is None:
