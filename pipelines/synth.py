@@ -32,22 +32,15 @@ where each of them is, so tests can check that ingest handles every one.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import gzip
-import hashlib
 import io
 import json
-import math
 import tarfile
 from dataclasses import asdict, dataclass, field
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
-import scipy.io
-from PIL import Image, ImageDraw
 
 from pipelines.formats import (
     CMYK_JPEGS,
@@ -64,6 +57,10 @@ from pipelines.formats import (
     PNG_DISGUISED_AS_JPEG,
     VAL_NAME_FORMAT,
 )
+from pipelines.synth_render import (  # noqa: F401 - SHAPES, COLOURS, MAX_CLASSES re-exported (__all__)
+    COLOURS, MAX_CLASSES, SHAPES, Style, class_style, encode, mat_bytes, mat_uint, rng_for, tar_add, tar_add_dir,
+    tar_writer)
+from pipelines.synth_transfer import WRITERS
 
 __all__ = ["LAYOUTS", "SHAPES", "COLOURS", "MAX_CLASSES", "SynthInfo", "write_synthetic", "write_synthetic_imagenet"]
 
@@ -72,33 +69,8 @@ DATASETS = ("imagenet", "caltech101", "flowers102", "voc2007")
 
 LAYOUTS = ("official", "kaggle", "imagefolder")
 
-#: Shapes that stay distinguishable after downscaling to a few dozen pixels and under rotation.
-SHAPES = ("circle", "square", "triangle", "cross", "ring", "stripes", "star", "crescent")
-#: Saturated colours, ordered so that the first classes are far apart in hue; the backgrounds are desaturated,
-#: so colour alone already carries most of the class signal.
-COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 180, 40),
-    "blue": (35, 60, 220),
-    "yellow": (235, 215, 20),
-    "cyan": (20, 200, 210),
-    "magenta": (210, 30, 200),
-    "orange": (245, 130, 15),
-    "azure": (30, 130, 245),
-    "lime": (150, 230, 30),
-    "violet": (130, 40, 220),
-    "spring green": (20, 220, 130),
-    "rose": (240, 40, 120),
-}
-#: Classes beyond len(SHAPES) * len(COLOURS) reuse the combinations with a hatched fill.
-FILLS = ("solid", "hatched")
-MAX_CLASSES = len(SHAPES) * len(COLOURS) * len(FILLS)
 
-JPEG_QUALITY = 90
 
-#: Sizes of the quirk images: real ILSVRC-2012 holds photos several thousand pixels wide and a few icons.
-LARGE_SIZES = ((3000, 2250), (2592, 1944))
-TINY_SIZES = ((20, 15), (8, 8))
 
 #: Class and file number of the PNG with a .JPEG name.
 PNG_WNID, PNG_NUMBER = PNG_DISGUISED_AS_JPEG.removesuffix(".JPEG").split("_")
@@ -118,11 +90,7 @@ NON_LEAF_SYNSETS = (
     ("n00002137", "abstraction, abstract entity", "a general concept formed by extracting common features"),
 )
 
-MAT_HEADER_TEXT = "MATLAB 5.0 MAT-file, Platform: GLNXA64, Created on: Wed Jun  6 00:00:00 2012"
-MAT_HEADER_TEXT_BYTES = 116
 
-#: Fixed tar member mtime (2012-06-06), so that archives are byte-identical between runs.
-TAR_MTIME = 1_338_940_800
 
 KAGGLE_TEST_DIR = "ILSVRC/Data/CLS-LOC/test"
 KAGGLE_TEST_NAME_FORMAT = "ILSVRC2012_test_{:08d}.JPEG"
@@ -183,8 +151,6 @@ def write_synthetic(dataset: str, out: str | Path, **sizes: Any) -> Any:
     ``pipelines.synth_transfer.write_synthetic_{caltech101,flowers102,voc2007}`` (``TransferSynthInfo``)."""
     if dataset == "imagenet":
         return write_synthetic_imagenet(out, **sizes)
-    from pipelines.synth_transfer import WRITERS
-
     if dataset not in WRITERS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
     return WRITERS[dataset](out, **sizes)
@@ -247,11 +213,6 @@ def write_synthetic_imagenet(
 # --- The plan: classes, keys, labels and quirk roles ------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Style:
-    shape: str
-    colour: str
-    fill: str
 
 
 @dataclass
@@ -262,7 +223,7 @@ class _Plan:
     words: dict[str, str]
     glosses: dict[str, str]
     ilsvrc_ids: dict[str, int]
-    styles: dict[str, _Style]
+    styles: dict[str, Style]
     train: list[tuple[str, str]]
     val: list[tuple[str, str]]
     #: key -> quirk role; keys absent here are ordinary RGB JPEGs.
@@ -277,29 +238,17 @@ class _Plan:
 
     def encode(self, key: str, wnid: str) -> tuple[bytes, list[tuple[int, int, int, int]]]:
         """The file bytes of ``key`` and the boxes of the objects drawn in it."""
-        return _encode(self.seed, key, self.styles[wnid], self.roles.get(key, "normal"), self.size)
+        return encode(self.seed, key, self.styles[wnid], self.roles.get(key, "normal"), self.size)
 
 
-def _rng(seed: int, *parts: object) -> np.random.Generator:
-    """A generator that depends only on ``seed`` and ``parts``, stable across processes and platforms."""
-    digest = hashlib.sha256("|".join(map(str, (seed, *parts))).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
 
-def _style(index: int) -> _Style:
-    # Walks shapes fastest and shifts the colour with each shape, so the first len(SHAPES) classes differ in
-    # both shape and colour, and every (shape, colour) pair is used once before any hatched fill.
-    n_shapes, n_colours = len(SHAPES), len(COLOURS)
-    fill, rest = divmod(index, n_shapes * n_colours)
-    shape_index, round_ = rest % n_shapes, rest // n_shapes
-    colour_index = (shape_index + round_) % n_colours
-    return _Style(SHAPES[shape_index], list(COLOURS)[colour_index], FILLS[fill])
 
 
 def _fake_wnids(seed: int, count: int, taken: set[str]) -> list[str]:
     # Same form and range as real wnids (n01440764 .. n15075141); drawn one by one so that a larger class
     # count extends a smaller one.
-    rng = _rng(seed, "wnids")
+    rng = rng_for(seed, "wnids")
     fakes: list[str] = []
     while len(fakes) < count:
         wnid = f"n{int(rng.integers(1_000_000, 15_100_000)):08d}"
@@ -321,14 +270,14 @@ def _plan(classes: int, train_per_class: int, val_per_class: int, size: int, see
             fixed_roles[f"{wnid}_{number}"] = "cmyk"
     reserved = {w for w, _, _ in NON_LEAF_SYNSETS} | {n.split("_")[0] for n in (*CMYK_JPEGS, PNG_DISGUISED_AS_JPEG)}
     wnids = sorted([*fixed_names, *_fake_wnids(seed, classes - len(fixed_names), reserved)])
-    styles = {w: _style(i) for i, w in enumerate(wnids)}
+    styles = {w: class_style(i) for i, w in enumerate(wnids)}
     words = {w: REAL_WORDS.get(w, f"{s.colour} {s.shape}, synthetic {s.shape}") for w, s in styles.items()}
     glosses = {w: f"synthetic class: a {s.colour} {s.shape} ({s.fill}) on a textured background"
                for w, s in styles.items()}
 
     # The devkit numbers classes in WordNet order, not sorted-wnid order; a shuffle makes any code that
     # confuses the two fail loudly.
-    order = _rng(seed, "ilsvrc-ids").permutation(classes)
+    order = rng_for(seed, "ilsvrc-ids").permutation(classes)
     if classes > 1 and np.array_equal(order, np.arange(classes)):
         order = np.roll(order, 1)
     ilsvrc_ids = {wnids[i]: rank + 1 for rank, i in enumerate(order)}
@@ -336,7 +285,7 @@ def _plan(classes: int, train_per_class: int, val_per_class: int, size: int, see
     train: list[tuple[str, str]] = []
     for wnid in wnids:
         # Real file numbers are sparse (n01440764_10026, n01440764_10027, n01440764_10029, ...).
-        rng = _rng(seed, "train-numbers", wnid)
+        rng = rng_for(seed, "train-numbers", wnid)
         pool = np.arange(1, max(30_000, 4 * train_per_class) + 1)
         required = fixed_names.get(wnid, [])
         drawn = [int(n) for n in rng.choice(pool, size=train_per_class + len(required), replace=False)]
@@ -345,7 +294,7 @@ def _plan(classes: int, train_per_class: int, val_per_class: int, size: int, see
 
     # Real val files are numbered in random class order.
     val_wnids = [w for w in wnids for _ in range(val_per_class)]
-    val_order = _rng(seed, "val-order").permutation(len(val_wnids))
+    val_order = rng_for(seed, "val-order").permutation(len(val_wnids))
     val = [(VAL_NAME_FORMAT.format(i + 1).removesuffix(".JPEG"), val_wnids[j]) for i, j in enumerate(val_order)]
 
     roles = dict(fixed_roles) if quirks else {}
@@ -353,7 +302,7 @@ def _plan(classes: int, train_per_class: int, val_per_class: int, size: int, see
         roles.update(_train_quirk_roles(seed, train, fixed_roles))
         if len(val) < len(VAL_QUIRK_ROLES):
             raise ValueError(f"quirks=True needs at least {len(VAL_QUIRK_ROLES)} val images in total")
-        picks = _rng(seed, "val-quirks").permutation(len(val))[: len(VAL_QUIRK_ROLES)]
+        picks = rng_for(seed, "val-quirks").permutation(len(val))[: len(VAL_QUIRK_ROLES)]
         roles.update({val[i][0]: role for i, role in zip(picks, VAL_QUIRK_ROLES)})
 
     return _Plan(seed, size, wnids, words, glosses, ilsvrc_ids, styles, train, val, roles, train_per_class)
@@ -361,7 +310,7 @@ def _plan(classes: int, train_per_class: int, val_per_class: int, size: int, see
 
 def _train_quirk_roles(seed: int, train: list[tuple[str, str]], fixed: dict[str, str]) -> dict[str, str]:
     # Deals the quirk roles round-robin over classes, so that they land in different classes when possible.
-    rng = _rng(seed, "train-quirks")
+    rng = rng_for(seed, "train-quirks")
     by_class: dict[str, list[str]] = {}
     for key, wnid in train:
         if key not in fixed:
@@ -378,191 +327,35 @@ def _train_quirk_roles(seed: int, train: list[tuple[str, str]], fixed: dict[str,
 # --- Images --------------------------------------------------------------------------------------------------
 
 
-def _image_size(rng: np.random.Generator, size: int) -> tuple[int, int]:
-    longer = size * rng.uniform(0.85, 1.15)
-    aspect = 4 / 3 if rng.random() < 0.6 else rng.uniform(1.0, 4 / 3)
-    shorter = longer / aspect
-    portrait = rng.random() < 0.25
-    w, h = (shorter, longer) if portrait else (longer, shorter)
-    return max(1, round(w)), max(1, round(h))
 
 
-def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[list[tuple[float, float]]]:
-    """Polygons (in image coordinates) that make up ``shape`` centred at (cx, cy) with radius ``r``."""
-    if shape == "square":
-        pts = [(math.cos(a) * r, math.sin(a) * r) for a in np.arange(4) * math.pi / 2 + math.pi / 4]
-        parts = [pts]
-    elif shape == "triangle":
-        parts = [[(math.cos(a) * r * 1.1, math.sin(a) * r * 1.1) for a in np.arange(3) * 2 * math.pi / 3]]
-    elif shape == "cross":
-        t = r * 0.32
-        parts = [[(-r, -t), (r, -t), (r, t), (-r, t)], [(-t, -r), (t, -r), (t, r), (-t, r)]]
-    elif shape == "star":
-        parts = [[(math.cos(a) * rr, math.sin(a) * rr)
-                  for a, rr in zip(np.arange(10) * math.pi / 5, [r, r * 0.45] * 5)]]
-    elif shape == "stripes":
-        bar = 2 * r / 5
-        parts = [[(-r + k * bar, -r), (-r + (k + 1) * bar, -r), (-r + (k + 1) * bar, r), (-r + k * bar, r)]
-                 for k in (0, 2, 4)]
-    else:
-        raise ValueError(shape)
-    c, s = math.cos(angle), math.sin(angle)
-    return [[(cx + x * c - y * s, cy + x * s + y * c) for x, y in part] for part in parts]
 
 
-def _shape_mask(shape: str, w: int, h: int, cx: float, cy: float, r: float, angle: float) -> Image.Image:
-    mask = Image.new("L", (w, h), 0)
-    draw = ImageDraw.Draw(mask)
-    if shape in ("circle", "ring", "crescent"):
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-        if shape == "ring":
-            draw.ellipse([cx - 0.6 * r, cy - 0.6 * r, cx + 0.6 * r, cy + 0.6 * r], fill=0)
-        elif shape == "crescent":
-            ox, oy = cx + 0.55 * r * math.cos(angle), cy + 0.55 * r * math.sin(angle)
-            draw.ellipse([ox - 0.85 * r, oy - 0.85 * r, ox + 0.85 * r, oy + 0.85 * r], fill=0)
-    else:
-        for part in _polygon(shape, cx, cy, r, angle):
-            draw.polygon(part, fill=255)
-    return mask
 
 
-#: An object of a scene: its style, colour, (centre x, centre y, radius) relative to the image, and rotation.
-_Object = tuple[_Style, tuple[int, int, int], tuple[float, float, float], float]
-#: A box (x0, y0, x1, y1), inclusive pixel coordinates.
-_Box = tuple[int, int, int, int]
 
 
-@dataclass(frozen=True)
-class _Backdrop:
-    """The random background of a scene: low-saturation blotches, mid-frequency texture, per-pixel noise."""
-
-    coarse: np.ndarray
-    medium_sd: float
-    noise_sd: float
 
 
-def _backdrop(rng: np.random.Generator) -> _Backdrop:
-    grey = rng.uniform(70, 190)
-    coarse = grey + rng.normal(0, 30, (4, 5, 1)) + rng.normal(0, 12, (4, 5, 3))  # low-saturation blotches
-    medium_sd = rng.uniform(4, 12)
-    return _Backdrop(coarse, medium_sd, rng.uniform(3, 8))
 
 
-def _object_colour(rng: np.random.Generator, style: _Style) -> tuple[int, int, int]:
-    """The class colour of ``style``, jittered per image."""
-    colour = np.array(COLOURS[style.colour]) * rng.uniform(0.85, 1.1) + rng.normal(0, 10, 3)
-    r, g, b = (int(c) for c in np.clip(colour, 0, 255))
-    return r, g, b
 
 
-def _paint(rng: np.random.Generator, w: int, h: int, backdrop: _Backdrop, objects: list[_Object]
-           ) -> tuple[Image.Image, list[_Box | None]]:
-    """A ``w`` x ``h`` scene of ``objects`` over ``backdrop``, and each object's box (None when it covers no
-    pixel), painted in order (later objects in front)."""
-    img = Image.fromarray(np.clip(backdrop.coarse, 0, 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
-    # Mid-frequency texture so that the background is not a smooth gradient.
-    gw, gh = max(2, w // 24), max(2, h // 24)
-    texture = rng.normal(0, backdrop.medium_sd, (gh, gw)).astype(np.float32)
-    texture_img = Image.fromarray(texture).resize((w, h), Image.Resampling.BILINEAR)
-
-    boxes: list[_Box | None] = []
-    shorter = min(w, h)
-    for style, colour, (rx, ry, rr), angle in objects:
-        mask = _shape_mask(style.shape, w, h, rx * w, ry * h, rr * shorter, angle)
-        if style.fill == "hatched":
-            period = max(2, int(rr * shorter / 3))
-            rows = (np.arange(h)[:, None] // period) % 2 == 0
-            hatch = np.asarray(mask) * np.broadcast_to(rows, (h, w))
-            img.paste(colour, mask=mask)
-            img.paste((25, 25, 25), mask=Image.fromarray(hatch.astype(np.uint8)))
-        else:
-            img.paste(colour, mask=mask)
-        bbox = mask.getbbox()
-        boxes.append(None if bbox is None else (bbox[0], bbox[1], bbox[2] - 1, bbox[3] - 1))
-
-    pixels = np.asarray(img, dtype=np.float32) + np.asarray(texture_img)[..., None]
-    pixels += rng.standard_normal((h, w, 3), dtype=np.float32) * backdrop.noise_sd
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), boxes
 
 
-def _render(seed: int, key: str, style: _Style, role: str, size: int) -> tuple[Image.Image, list[_Box]]:
-    """The RGB image of ``key`` and its object boxes (x0, y0, x1, y1, inclusive).
-
-    All random draws that do not depend on the image size come first, so a large or tiny quirk version shows
-    the same scene as the ordinary image would.
-    """
-    rng = _rng(seed, "image", key)
-    w, h = _image_size(rng, size)
-    if role == "large":
-        w, h = LARGE_SIZES[int(key.startswith("ILSVRC2012_val"))]
-    elif role == "tiny":
-        w, h = TINY_SIZES[int(key.startswith("ILSVRC2012_val"))]
-
-    # Scene parameters, relative to the image so that they survive any rescaling.
-    backdrop = _backdrop(rng)
-    places = []
-    if rng.random() < 0.2:  # a second, smaller instance near an edge, as in multi-box ImageNet images
-        side = rng.choice([-1, 1])
-        places.append((0.5 + side * rng.uniform(0.27, 0.37), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.13)))
-    places.append((rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65), rng.uniform(0.2, 0.34)))
-    angles = rng.uniform(0, 2 * math.pi, len(places))
-    colour = _object_colour(rng, style)
-    img, found = _paint(rng, w, h, backdrop, [(style, colour, p, a) for p, a in zip(places, angles)])
-    # an object too small to cover a pixel (tiny images): Kaggle rows still need one box
-    boxes = [b for b in found if b is not None] or [(0, 0, w - 1, h - 1)]
-    return img, boxes
 
 
-def _encode(seed: int, key: str, style: _Style, role: str, size: int) -> tuple[bytes, list]:
-    """The file bytes of ``key`` (a JPEG, or the quirk its role calls for) and its object boxes."""
-    img, boxes = _render(seed, key, style, role, size)
-    return _file_bytes(img, role), boxes
 
 
-def _file_bytes(img: Image.Image, role: str) -> bytes:
-    """``img`` as the file its role calls for: a JPEG, or a PNG, CMYK, grayscale, empty or truncated file."""
-    if role == "empty":
-        return b""
-    buf = io.BytesIO()
-    if role == "png":
-        img.save(buf, "PNG")
-    elif role == "cmyk":
-        # Pillow's RGB->CMYK is the naive inverse of its CMYK->RGB, so the class colour survives a reader's
-        # convert("RGB").
-        img.convert("CMYK").save(buf, "JPEG", quality=JPEG_QUALITY)
-    elif role == "grayscale":
-        img.convert("L").save(buf, "JPEG", quality=JPEG_QUALITY)
-    else:
-        img.save(buf, "JPEG", quality=JPEG_QUALITY)
-    data = buf.getvalue()
-    if role == "truncated":
-        # Half the entropy-coded data is gone: the header parses, decoding the pixels fails.
-        data = data[: len(data) // 2]
-    return data
 
 
 # --- Layouts -------------------------------------------------------------------------------------------------
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
-    tar.addfile(info, io.BytesIO(data))
 
 
-@contextlib.contextmanager
-def _tar_writer(fileobj: IO[bytes], *, gz: bool = False) -> Iterator[tarfile.TarFile]:
-    """A GNU tar written to ``fileobj``; with ``gz`` gzip'd, its header timestamp pinned (byte-identical reruns)."""
-    with contextlib.ExitStack() as stack:
-        if gz:
-            fileobj = stack.enter_context(gzip.GzipFile(filename="", mode="wb", fileobj=fileobj, mtime=0))
-        yield stack.enter_context(tarfile.open(fileobj=fileobj, mode="w", format=tarfile.GNU_FORMAT))
 
 
-def _tar_add_dir(tar: tarfile.TarFile, name: str) -> None:
-    info = tarfile.TarInfo(name.rstrip("/"))
-    info.type, info.mtime, info.mode = tarfile.DIRTYPE, TAR_MTIME, 0o755
-    tar.addfile(info)
 
 
 def _write_official(out: Path, plan: _Plan) -> list[str]:
@@ -572,12 +365,12 @@ def _write_official(out: Path, plan: _Plan) -> list[str]:
             inner_buf = io.BytesIO()
             with tarfile.open(fileobj=inner_buf, mode="w", format=tarfile.GNU_FORMAT) as inner:
                 for key in keys:
-                    _tar_add(inner, f"{key}.JPEG", plan.encode(key, wnid)[0])
-            _tar_add(outer, f"{wnid}.tar", inner_buf.getvalue())
+                    tar_add(inner, f"{key}.JPEG", plan.encode(key, wnid)[0])
+            tar_add(outer, f"{wnid}.tar", inner_buf.getvalue())
 
     with tarfile.open(out / IMAGENET_VAL_TAR, "w", format=tarfile.GNU_FORMAT) as val_tar:
         for key, wnid in plan.val:
-            _tar_add(val_tar, f"{key}.JPEG", plan.encode(key, wnid)[0])
+            tar_add(val_tar, f"{key}.JPEG", plan.encode(key, wnid)[0])
 
     root = DEVKIT_META.split("/")[0]
     ground_truth = "".join(f"{plan.ilsvrc_ids[wnid]}\n" for _, wnid in plan.val).encode()
@@ -587,22 +380,15 @@ def _write_official(out: Path, plan: _Plan) -> list[str]:
         "num_train_images); the classes are the synsets with num_children == 0.\n"
         "data/ILSVRC2012_validation_ground_truth.txt: ILSVRC2012_ID of val image i on line i.\n"
     ).encode()
-    with open(out / IMAGENET_DEVKIT, "wb") as raw, _tar_writer(raw, gz=True) as devkit:
-        _tar_add_dir(devkit, root)
-        _tar_add_dir(devkit, f"{root}/data")
-        _tar_add(devkit, f"{root}/readme.txt", readme)
-        _tar_add(devkit, DEVKIT_META, _meta_mat(plan))
-        _tar_add(devkit, DEVKIT_VAL_GROUND_TRUTH, ground_truth)
+    with open(out / IMAGENET_DEVKIT, "wb") as raw, tar_writer(raw, gz=True) as devkit:
+        tar_add_dir(devkit, root)
+        tar_add_dir(devkit, f"{root}/data")
+        tar_add(devkit, f"{root}/readme.txt", readme)
+        tar_add(devkit, DEVKIT_META, _meta_mat(plan))
+        tar_add(devkit, DEVKIT_VAL_GROUND_TRUTH, ground_truth)
     return []
 
 
-def _uint(values: int | list[int]) -> np.ndarray:
-    # loadmat returns the storage type of the real meta.mat, the narrowest unsigned integer (uint8 for 1,
-    # uint16 for 1300), not float64; mimic that so type-sensitive code meets the same values.
-    arr = np.array(values, dtype=np.int64, ndmin=2)
-    if arr.size == 0:
-        return np.zeros((0, 0), dtype=np.uint8)  # MATLAB's [], as for the children of a leaf
-    return arr.astype(np.uint8 if arr.max() < 256 else np.uint16)
 
 
 def _meta_mat(plan: _Plan) -> bytes:
@@ -629,19 +415,11 @@ def _meta_mat(plan: _Plan) -> bytes:
               "num_train_images"]
     synsets = np.empty((len(rows), 1), dtype=[(f, object) for f in fields])
     for i, row in enumerate(rows):
-        synsets[i, 0] = (_uint(row["id"]), row["wnid"], row["words"], row["gloss"], _uint(len(row["children"])),
-                         _uint(row["children"]), _uint(row["height"]), _uint(row["images"]))
-    return _mat_bytes({"synsets": synsets})
+        synsets[i, 0] = (mat_uint(row["id"]), row["wnid"], row["words"], row["gloss"], mat_uint(len(row["children"])),
+                         mat_uint(row["children"]), mat_uint(row["height"]), mat_uint(row["images"]))
+    return mat_bytes({"synsets": synsets})
 
 
-def _mat_bytes(variables: dict[str, Any]) -> bytes:
-    """A MATLAB 5 .mat file of ``variables``, as MATLAB writes them (row vectors stay 1 x N)."""
-    buf = io.BytesIO()
-    scipy.io.savemat(buf, variables, format="5", oned_as="row")
-    # The 116-byte text header carries the creation time; a fixed one keeps the file byte-identical.
-    data = bytearray(buf.getvalue())
-    data[:MAT_HEADER_TEXT_BYTES] = MAT_HEADER_TEXT.ljust(MAT_HEADER_TEXT_BYTES).encode("ascii")
-    return bytes(data)
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -671,7 +449,7 @@ def _write_kaggle(out: Path, plan: _Plan) -> list[str]:
         val_rows.append((key, _box_string(wnid, boxes)))
     for name, rows, tag in ((KAGGLE_VAL_SOLUTION, val_rows, "val-csv"), (KAGGLE_TRAIN_SOLUTION, train_rows,
                                                                           "train-csv")):
-        order = _rng(plan.seed, tag).permutation(len(rows))
+        order = rng_for(plan.seed, tag).permutation(len(rows))
         with open(out / name, "w", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(["ImageId", "PredictionString"])
@@ -688,7 +466,7 @@ def _write_kaggle(out: Path, plan: _Plan) -> list[str]:
     distractors = []
     for i in range(KAGGLE_NUM_TEST):
         name = KAGGLE_TEST_NAME_FORMAT.format(i + 1)
-        wnid = plan.wnids[int(_rng(plan.seed, "test", name).integers(len(plan.wnids)))]
+        wnid = plan.wnids[int(rng_for(plan.seed, "test", name).integers(len(plan.wnids)))]
         path = f"{KAGGLE_TEST_DIR}/{name}"
         _write_file(out / path, plan.encode(name.removesuffix(".JPEG"), wnid)[0])
         distractors.append(path)

@@ -42,22 +42,22 @@ import numpy as np
 from PIL import Image
 
 from pipelines import formats
-from pipelines.synth import (
+from pipelines.synth_render import (
     MAX_CLASSES,
-    _backdrop,
-    _encode,
-    _file_bytes,
-    _image_size,
-    _mat_bytes,
-    _object_colour,
-    _paint,
-    _rng,
-    _style,
-    _Style,
-    _tar_add,
-    _tar_add_dir,
-    _tar_writer,
-    _uint,
+    random_backdrop,
+    encode,
+    file_bytes,
+    image_size,
+    mat_bytes,
+    object_colour,
+    paint,
+    rng_for,
+    class_style,
+    Style,
+    tar_add,
+    tar_add_dir,
+    tar_writer,
+    mat_uint,
 )
 
 __all__ = ["WRITERS", "TransferSynthInfo", "write_synthetic_caltech101", "write_synthetic_flowers102",
@@ -151,18 +151,18 @@ class TransferSynthInfo:
         return cls(**json.loads(text))
 
 
-def _class_styles(names: list[str]) -> dict[str, _Style]:
-    return {name: _style(STYLE_OFFSET + i) for i, name in enumerate(names)}
+def _class_styles(names: list[str]) -> dict[str, Style]:
+    return {name: class_style(STYLE_OFFSET + i) for i, name in enumerate(names)}
 
 
-def _describe(styles: dict[str, _Style]) -> dict[str, str]:
+def _describe(styles: dict[str, Style]) -> dict[str, str]:
     return {name: f"{s.colour} {s.shape} ({s.fill})" for name, s in styles.items()}
 
 
 def _corrupt_keys(seed: int, dataset: str, keys: list[str], corrupt: int) -> dict[str, str]:
     if not 0 <= corrupt <= len(keys):
         raise ValueError(f"corrupt must be in 0..{len(keys)}, got {corrupt}")
-    picks = _rng(seed, dataset, "corrupt").permutation(len(keys))[:corrupt]
+    picks = rng_for(seed, dataset, "corrupt").permutation(len(keys))[:corrupt]
     return {keys[i]: "truncated" for i in sorted(picks)}
 
 
@@ -210,21 +210,21 @@ def write_synthetic_caltech101(
     names = list(CALTECH_CATEGORIES[:classes])
     styles = _class_styles(names)
     counts = np.linspace(min_per_class, max_per_class, classes).round().astype(int)
-    counts = counts[_rng(seed, "caltech", "counts").permutation(classes)]
+    counts = counts[rng_for(seed, "caltech", "counts").permutation(classes)]
     items = [(name, f"{name}/image_{n:04d}") for name, count in zip(names, counts) for n in range(1, int(count) + 1)]
     bad = _corrupt_keys(seed, "caltech101", [k for _, k in items], corrupt)
-    clutter = _rng(seed, "caltech", "clutter").choice(_CLUTTER_STYLES, size=background)
-    members = [(f"{formats.CALTECH101_BACKGROUND}/image_{n + 1:04d}", _style(int(i))) for n, i in enumerate(clutter)]
+    clutter = rng_for(seed, "caltech", "clutter").choice(_CLUTTER_STYLES, size=background)
+    members = [(f"{formats.CALTECH101_BACKGROUND}/image_{n + 1:04d}", class_style(int(i))) for n, i in enumerate(clutter)]
     members += [(key, styles[name]) for name, key in items]
 
     buf = io.BytesIO()
-    with _tar_writer(buf, gz=True) as tar:
-        _tar_add_dir(tar, formats.CALTECH101_ROOT)
+    with tar_writer(buf, gz=True) as tar:
+        tar_add_dir(tar, formats.CALTECH101_ROOT)
         for folder in [formats.CALTECH101_BACKGROUND, *names]:
-            _tar_add_dir(tar, f"{formats.CALTECH101_ROOT}/{folder}")
+            tar_add_dir(tar, f"{formats.CALTECH101_ROOT}/{folder}")
         for key, style in members:
-            data = _encode(seed, key, style, bad.get(key, "normal"), size)[0]
-            _tar_add(tar, f"{formats.CALTECH101_ROOT}/{key}.jpg", data)
+            data = encode(seed, key, style, bad.get(key, "normal"), size)[0]
+            tar_add(tar, f"{formats.CALTECH101_ROOT}/{key}.jpg", data)
     files = []
     if archive in ("tar.gz", "both"):
         (out / formats.CALTECH101_TGZ).write_bytes(buf.getvalue())
@@ -243,10 +243,10 @@ def write_synthetic_caltech101(
 
 def _write_caltech_zip(path: Path, tgz: bytes, names: list[str]) -> None:
     annotations = io.BytesIO()
-    with _tar_writer(annotations) as tar:
-        _tar_add_dir(tar, "Annotations")
+    with tar_writer(annotations) as tar:
+        tar_add_dir(tar, "Annotations")
         for name in names:
-            _tar_add_dir(tar, f"Annotations/{name}")
+            tar_add_dir(tar, f"Annotations/{name}")
     stamp = (2012, 6, 6, 0, 0, 0)  # fixed member times: byte-identical reruns
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr(zipfile.ZipInfo("caltech-101/", stamp), b"")
@@ -279,11 +279,11 @@ def write_synthetic_flowers102(
     out.mkdir(parents=True, exist_ok=True)
     per_class = train_per_class + val_per_class + test_per_class
     # official[n - 1] is the 1-based class of image n; classes are interleaved over the numbers, as in the real set
-    official = _rng(seed, "flowers", "labels").permutation(np.repeat(np.arange(1, classes + 1), per_class))
+    official = rng_for(seed, "flowers", "labels").permutation(np.repeat(np.arange(1, classes + 1), per_class))
     setid: dict[str, list[int]] = {key: [] for key in formats.FLOWERS102_SPLIT_KEYS.values()}
     split_of = {}
     for label in range(1, classes + 1):
-        numbers = _rng(seed, "flowers", "split", label).permutation(np.flatnonzero(official == label) + 1)
+        numbers = rng_for(seed, "flowers", "split", label).permutation(np.flatnonzero(official == label) + 1)
         bounds = np.cumsum([0, train_per_class, val_per_class, test_per_class])
         for (split, key), lo, hi in zip(formats.FLOWERS102_SPLIT_KEYS.items(), bounds, bounds[1:]):
             setid[key] += sorted(int(n) for n in numbers[lo:hi])
@@ -293,14 +293,14 @@ def write_synthetic_flowers102(
     keys = [f"image_{n:05d}" for n in range(1, len(official) + 1)]
     bad = _corrupt_keys(seed, "flowers102", keys, corrupt)
 
-    with open(out / formats.FLOWERS102_TGZ, "wb") as raw, _tar_writer(raw, gz=True) as tar:
-        _tar_add_dir(tar, "jpg")
+    with open(out / formats.FLOWERS102_TGZ, "wb") as raw, tar_writer(raw, gz=True) as tar:
+        tar_add_dir(tar, "jpg")
         for key, label in zip(keys, official):
-            data = _encode(seed, key, styles[names[label - 1]], bad.get(key, "normal"), size)[0]
-            _tar_add(tar, f"jpg/{key}.jpg", data)
-    (out / formats.FLOWERS102_LABELS).write_bytes(_mat_bytes({"labels": _uint([int(v) for v in official])}))
+            data = encode(seed, key, styles[names[label - 1]], bad.get(key, "normal"), size)[0]
+            tar_add(tar, f"jpg/{key}.jpg", data)
+    (out / formats.FLOWERS102_LABELS).write_bytes(mat_bytes({"labels": mat_uint([int(v) for v in official])}))
     # the real setid.mat stores uint16 whatever the count
-    (out / formats.FLOWERS102_SETID).write_bytes(_mat_bytes(
+    (out / formats.FLOWERS102_SETID).write_bytes(mat_bytes(
         {key: np.array(numbers, dtype=np.uint16, ndmin=2) for key, numbers in setid.items()}))
 
     splits = {split: sorted(k for n, k in enumerate(keys, 1) if split_of[n] == split)
@@ -322,12 +322,12 @@ class _VocObject:
     difficult: bool
 
 
-def _voc_scene(seed: int, key: str, objects: list[_VocObject], styles: dict[str, _Style], size: int
+def _voc_scene(seed: int, key: str, objects: list[_VocObject], styles: dict[str, Style], size: int
                ) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
     """Objects side by side along the longer side of the image; difficult ones small. Returns boxes too."""
-    rng = _rng(seed, "voc", key)
-    w, h = _image_size(rng, size)
-    backdrop = _backdrop(rng)
+    rng = rng_for(seed, "voc", key)
+    w, h = image_size(rng, size)
+    backdrop = random_backdrop(rng)
     k = len(objects)
     placed = []
     for slot, obj in enumerate(objects):
@@ -336,8 +336,8 @@ def _voc_scene(seed: int, key: str, objects: list[_VocObject], styles: dict[str,
         radius = rng.uniform(0.05, 0.08) if obj.difficult else rng.uniform(0.2, 0.3) / math.sqrt(k)
         place = (along, across, radius) if w >= h else (across, along, radius)
         style = styles[obj.name]
-        placed.append((style, _object_colour(rng, style), place, rng.uniform(0, 2 * math.pi)))
-    img, boxes = _paint(rng, w, h, backdrop, placed)
+        placed.append((style, object_colour(rng, style), place, rng.uniform(0, 2 * math.pi)))
+    img, boxes = paint(rng, w, h, backdrop, placed)
     return img, [b or (0, 0, w - 1, h - 1) for b in boxes]
 
 
@@ -345,7 +345,7 @@ def _voc_plan(seed: int, ids: list[str], max_objects: int, forced: dict[str, lis
     """The objects of every image: 1..max_objects distinct classes, about 15% difficult, or ``forced`` flags."""
     plan = {}
     for key in ids:
-        rng = _rng(seed, "voc", "objects", key)
+        rng = rng_for(seed, "voc", "objects", key)
         difficult = forced.get(key) or list(rng.random(int(rng.integers(1, max_objects + 1))) < 0.15)
         classes = rng.choice(len(formats.VOC_CLASSES), size=len(difficult), replace=False)
         plan[key] = [_VocObject(formats.VOC_CLASSES[c], bool(d)) for c, d in zip(classes, difficult)]
@@ -385,7 +385,7 @@ def write_synthetic_voc2007(
     out.mkdir(parents=True, exist_ok=True)
     # Real ids interleave trainval and test (000001 test, 000002 train, ...).
     ids = [f"{n:06d}" for n in range(1, train + val + test + 1)]
-    order = _rng(seed, "voc", "splits").permutation(len(ids))
+    order = rng_for(seed, "voc", "splits").permutation(len(ids))
     bounds = np.cumsum([0, train, val, test])
     splits = {s: sorted(ids[i] for i in order[lo:hi]) for s, lo, hi in zip(formats.VOC2007_SPLITS, bounds, bounds[1:])}
     forced = {}
@@ -401,20 +401,20 @@ def write_synthetic_voc2007(
     tars = {formats.VOC2007_TRAINVAL_TAR: ("trainval", "train", "val"), formats.VOC2007_TEST_TAR: ("test",)}
     root = formats.VOC2007_ROOT
     for tar_name, sets in tars.items():
-        with open(out / tar_name, "wb") as raw, _tar_writer(raw) as tar:
+        with open(out / tar_name, "wb") as raw, tar_writer(raw) as tar:
             for folder in ("VOCdevkit", root, f"{root}/Annotations", f"{root}/ImageSets", f"{root}/ImageSets/Main",
                            f"{root}/JPEGImages"):
-                _tar_add_dir(tar, folder)
+                tar_add_dir(tar, folder)
             for key in image_sets[sets[0]]:  # trainval, or test
                 img, boxes = _voc_scene(seed, key, plan[key], styles, size)
-                _tar_add(tar, f"{root}/JPEGImages/{key}.jpg", _file_bytes(img, bad.get(key, "normal")))
-                _tar_add(tar, f"{root}/Annotations/{key}.xml", _voc_annotation(key, img.size, plan[key], boxes))
+                tar_add(tar, f"{root}/JPEGImages/{key}.jpg", file_bytes(img, bad.get(key, "normal")))
+                tar_add(tar, f"{root}/Annotations/{key}.xml", _voc_annotation(key, img.size, plan[key], boxes))
             for s in sets:
                 keys = image_sets[s]
-                _tar_add(tar, f"{root}/ImageSets/Main/{s}.txt", "".join(f"{k}\n" for k in keys).encode())
+                tar_add(tar, f"{root}/ImageSets/Main/{s}.txt", "".join(f"{k}\n" for k in keys).encode())
                 for c, name in enumerate(formats.VOC_CLASSES):
                     text = "".join(f"{k} {flags[k][c]:2d}\n" for k in keys)
-                    _tar_add(tar, f"{root}/ImageSets/Main/{name}_{s}.txt", text.encode())
+                    tar_add(tar, f"{root}/ImageSets/Main/{name}_{s}.txt", text.encode())
 
     labels = {k: next((c for c, f in enumerate(v) if f == 1), -1) for k, v in flags.items()}
     return _finish(out, TransferSynthInfo(

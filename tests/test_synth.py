@@ -13,7 +13,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from pipelines import synth
+from pipelines import synth, synth_render
 from pipelines.formats import (
     CMYK_JPEGS,
     DEVKIT_META,
@@ -350,7 +350,7 @@ def test_same_seed_same_bytes_different_seed_different(datasets, tmp_path):
 
 
 def test_class_styles_are_distinct():
-    styles = [synth._style(i) for i in range(synth.MAX_CLASSES)]
+    styles = [synth_render.class_style(i) for i in range(synth.MAX_CLASSES)]
     assert len(set(styles)) == synth.MAX_CLASSES
     first = styles[: len(synth.SHAPES)]
     assert len({s.shape for s in first}) == len({s.colour for s in first}) == len(first)
