@@ -21,7 +21,6 @@ negative when it helps, the sign of the paper's numbers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -233,16 +232,3 @@ def _log_table(tracker: Any, cfg: Config, table: dict[str, list], trials: dict[s
                           parent_run_id=tracker.run_id, tags={"ablation": TEN_CROP, "checkpoint": paper["checkpoint"]})
         child.log_metrics({k: v for k, v in paper.items() if k.startswith("eval_")}, step=int(paper.get("epochs") or 0))
         child.end()
-
-
-def run_from_args(args: Any) -> int:
-    """``alexnet ablate``: the preset, ``--set`` overrides and ``--data``, then :func:`run_ablations`."""
-    from alexnet.config import config_from_args
-
-    cfg = config_from_args(args)
-    result = run_ablations(cfg, only=args.only or None, ten_crop=args.ten_crop, max_concurrent=args.max_concurrent,
-                           ray_address=args.ray_address, tracking=args.tracking)
-    print(markdown(result.table))
-    print(json.dumps({"mlflow_run_id": result.mlflow_run_id,
-                      "checkpoints": {n: t.get("checkpoint") for n, t in result.trials.items()}}, indent=2))
-    return 0

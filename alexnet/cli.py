@@ -119,10 +119,45 @@ def _synth(args: argparse.Namespace) -> int:
 # --- train / evaluate ------------------------------------------------------------------------------------------
 
 
-def _train(args: argparse.Namespace) -> int:
-    from alexnet.train import run_from_args
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``alexnet train``, ``alexnet ablate`` and ``python -m alexnet.train`` (one definition)."""
+    parser.add_argument("--config", default=None, help="a preset, e.g. configs/paper.yaml or configs/smoke.yaml")
+    parser.add_argument("--data", help="prepared dataset URI (sets data.data)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=10 (repeatable)")
+    parser.add_argument("--ray-address", help=ADDRESS_HELP)
+    parser.add_argument("--no-tracking", dest="tracking", action="store_false", help="do not log to MLflow")
 
-    return run_from_args(args)
+
+def config_from_args(args: argparse.Namespace):
+    """The preset named by ``--config`` with ``--set`` overrides and ``--data`` applied."""
+    from alexnet.config import load_config
+
+    overrides = list(args.overrides) + ([f"data.data={args.data}"] if args.data else [])
+    return load_config(args.config, overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from alexnet.train import run_training
+
+    result = run_training(config_from_args(args), ray_address=args.ray_address, tracking=args.tracking)
+    print(json.dumps({"checkpoint": result.checkpoint, "mlflow_run_id": result.mlflow_run_id,
+                      "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}, indent=2))
+    return 0
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m alexnet.train`` (the entry point of ``ray job submit``): ``alexnet train``'s options."""
+    from alexnet import train
+    from pipelines.redact import redact_handlers
+
+    parser = argparse.ArgumentParser(prog="python -m alexnet.train", description=train.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_handlers()  # no credential of a URI in a log line
+    return _train(args)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -142,16 +177,51 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from alexnet.ablate import run_from_args
+    from alexnet.ablate import run_ablations
+    from alexnet.results import markdown
 
-    return run_from_args(args)
+    result = run_ablations(config_from_args(args), only=args.only or None, ten_crop=args.ten_crop,
+                           max_concurrent=args.max_concurrent, ray_address=args.ray_address, tracking=args.tracking)
+    print(markdown(result.table))
+    print(json.dumps({"mlflow_run_id": result.mlflow_run_id,
+                      "checkpoints": {n: t.get("checkpoint") for n, t in result.trials.items()}}, indent=2))
+    return 0
 
 
 def _transfer(args: argparse.Namespace) -> int:
-    from alexnet.transfer import run_from_args
+    from alexnet.config import load_config
+    from alexnet.results import markdown, transfer_table
+    from alexnet.transfer import run_transfer, summarize
 
-    run_from_args(args)
+    cfg = load_config(args.config, list(args.overrides))
+    result = run_transfer(args.dataset, args.data, args.checkpoint, method=args.method, config=cfg.transfer,
+                          imagenet_stats=args.imagenet_stats, ray_address=args.ray_address, tracking=args.tracking,
+                          tracking_uri=args.tracking_uri or cfg.tracking.tracking_uri or None,
+                          experiment=args.experiment or cfg.tracking.experiment)
+    print(markdown(transfer_table([result])))
+    print(json.dumps(summarize(result), indent=2, default=str))
     return 0
+
+
+def add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``alexnet transfer``."""
+    from alexnet.config import TRANSFER_DATASETS, TRANSFER_METHODS
+
+    parser.add_argument("dataset", choices=TRANSFER_DATASETS)
+    parser.add_argument("--data", required=True, help="the prepared dataset (`alexnet prepare DATASET ...`)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint of `alexnet train` (folder or checkpoint.pt) or torchvision AlexNet weights")
+    parser.add_argument("--method", choices=TRANSFER_METHODS, default="probe")
+    parser.add_argument("--config", default=None, help="a preset whose `transfer:` section to use")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="transfer.KEY=VALUE",
+                        help="override a transfer setting, e.g. --set transfer.epochs=10 (repeatable)")
+    parser.add_argument("--imagenet-stats", default=None,
+                        help="prepared ImageNet holding the stats.json/mean_image.npy the checkpoint was trained with "
+                             "(default: the dataset in the checkpoint's config)")
+    parser.add_argument("--ray-address", help=ADDRESS_HELP)
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite)")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the preset's)")
+    parser.add_argument("--no-tracking", dest="tracking", action="store_false", help="do not log to MLflow")
 
 
 def _figures(args: argparse.Namespace) -> int:
@@ -299,8 +369,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(handler=_stats)
 
     # train
-    from alexnet.config import add_train_arguments
-
     t = commands.add_parser(
         "train",
         help="train AlexNet with Ray Train (the paper's recipe)",
@@ -350,8 +418,6 @@ def build_parser() -> argparse.ArgumentParser:
     ab.set_defaults(handler=_ablate)
 
     # transfer
-    from alexnet.config import add_transfer_arguments
-
     tr = commands.add_parser(
         "transfer",
         help="transfer learning: linear probe or fine-tuning on Caltech-101, Flowers-102, VOC 2007",

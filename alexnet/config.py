@@ -7,7 +7,6 @@ points unpack a ``Config``: library functions take plain arguments.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import types
@@ -19,7 +18,6 @@ from typing import Any, Literal
 import yaml
 
 from pipelines import ranges
-from pipelines.rayutil import ADDRESS_HELP
 
 
 class _Ranged:
@@ -322,38 +320,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return Config.from_dict(raw)
     except ValueError as e:
         raise ValueError(f"{path or 'config'}: {e}") from None
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``alexnet train`` and ``python -m alexnet.train`` (one definition for both)."""
-    parser.add_argument("--config", default=None, help="a preset, e.g. configs/paper.yaml or configs/smoke.yaml")
-    parser.add_argument("--data", help="prepared dataset URI (sets data.data)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value, e.g. --set train.epochs=10 (repeatable)")
-    parser.add_argument("--ray-address", help=ADDRESS_HELP)
-    parser.add_argument("--no-tracking", dest="tracking", action="store_false", help="do not log to MLflow")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The preset named by ``--config`` with ``--set`` overrides and ``--data`` applied."""
-    overrides = list(args.overrides) + ([f"data.data={args.data}"] if args.data else [])
-    return load_config(args.config, overrides)
-
-
-def add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``alexnet transfer`` (one definition)."""
-    parser.add_argument("dataset", choices=TRANSFER_DATASETS)
-    parser.add_argument("--data", required=True, help="the prepared dataset (`alexnet prepare DATASET ...`)")
-    parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint of `alexnet train` (folder or checkpoint.pt) or torchvision AlexNet weights")
-    parser.add_argument("--method", choices=TRANSFER_METHODS, default="probe")
-    parser.add_argument("--config", default=None, help="a preset whose `transfer:` section to use")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="transfer.KEY=VALUE",
-                        help="override a transfer setting, e.g. --set transfer.epochs=10 (repeatable)")
-    parser.add_argument("--imagenet-stats", default=None,
-                        help="prepared ImageNet holding the stats.json/mean_image.npy the checkpoint was trained with "
-                             "(default: the dataset in the checkpoint's config)")
-    parser.add_argument("--ray-address", help=ADDRESS_HELP)
-    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite)")
-    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the preset's)")
-    parser.add_argument("--no-tracking", dest="tracking", action="store_false", help="do not log to MLflow")

@@ -65,7 +65,7 @@ def load_backbone(checkpoint: str, *, imagenet_stats: str | None = None) -> Back
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{checkpoint} was trained with the statistics of {stats_uri}, which are not "
                                     f"readable here ({e}); pass the prepared ImageNet holding stats.json and "
-                                    "mean_image.npy as --imagenet-stats URI") from None
+                                    "mean_image.npy as imagenet_stats (on the command line: --imagenet-stats URI)") from None
         if state.get("stats_sha256") and stats.get("mean_image_sha256") != state["stats_sha256"]:
             log.warning("%s: ImageNet statistics differ from those %s was trained with", stats_uri, checkpoint)
         return Backbone(model_from_checkpoint(state), augmentation_for(cfg, stats, mean_image),

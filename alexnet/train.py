@@ -11,8 +11,6 @@ epochs. The driver (``run_training``) builds a ``TorchTrainer``; ``train_loop_pe
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import random
 import sys
@@ -33,7 +31,7 @@ from alexnet.checkpoints import (  # noqa: F401 - re-exported: the checkpoint AP
     CHECKPOINT_FILE, RAY_CHECKPOINT_SNAPSHOT, RESUME_DATA_KEYS, ResumeRefused, check_resume, checkpoint_config,
     checkpoint_state, latest_checkpoint, load_checkpoint, model_from_checkpoint, model_kwargs, resume_differences,
     read_checkpoint_meta, rng_state, safe_torch_load, save_checkpoint_files, set_rng_state, unwrap)
-from alexnet.config import Config, add_train_arguments, config_from_args
+from alexnet.config import Config
 from alexnet.model import build_model
 from alexnet.recipe import LRSchedule, build_optimizer, chance_loss_warning, set_lr  # noqa: F401 - re-exported
 
@@ -454,7 +452,8 @@ def run_training(cfg: Config, *, ray_address: str | None = None, tracking: bool 
     from pipelines.rayutil import check_resources, ensure_ray
 
     if not cfg.data.data:
-        raise ValueError("no dataset: pass --data URI (a folder or s3:// prefix written by `alexnet prepare`)")
+        raise ValueError("data.data is empty: set it to a prepared dataset, a folder or s3:// prefix written by "
+                         "`alexnet prepare` (on the command line: --data URI)")
     cfg.data.data = storage.absolute(cfg.data.data)
     manifest = prepare.load_manifest(cfg.data.data)  # fail here, clearly, rather than in every worker
     # Refused here, before fit(): a worker's error would be retried train.max_failures times.
@@ -486,28 +485,7 @@ def run_training(cfg: Config, *, ray_address: str | None = None, tracking: bool 
     return TrainResult(metrics, checkpoint_uri, metrics.get("mlflow_run_id") or None, history)
 
 
-# --- entry point -----------------------------------------------------------------------------------------------------
+if __name__ == "__main__":  # `python -m alexnet.train`, for `ray job submit`: the options of `alexnet train`
+    from alexnet.cli import train_main
 
-
-def run_from_args(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    result = run_training(cfg, ray_address=args.ray_address, tracking=args.tracking)
-    print(json.dumps({"checkpoint": result.checkpoint, "mlflow_run_id": result.mlflow_run_id,
-                      "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}, indent=2))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alexnet.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipelines.redact import redact_handlers
-
-    redact_handlers()  # no credential of a URI in a log line
-    return run_from_args(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_main())

@@ -33,7 +33,6 @@ call; it logs one MLflow run per dataset and method, with the results next to th
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -191,16 +190,3 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     out["layers"] = {name: {k: v for k, v in r.items() if k not in ("per_split", "literature")}
                      for name, r in (result.get("layers") or {}).items()}
     return out
-
-
-def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    from alexnet.config import load_config
-
-    cfg = load_config(args.config, list(args.overrides))
-    result = run_transfer(args.dataset, args.data, args.checkpoint, method=args.method, config=cfg.transfer,
-                          imagenet_stats=args.imagenet_stats, ray_address=args.ray_address, tracking=args.tracking,
-                          tracking_uri=args.tracking_uri or cfg.tracking.tracking_uri or None,
-                          experiment=args.experiment or cfg.tracking.experiment)
-    print(markdown(transfer_table([result])))
-    print(json.dumps(summarize(result), indent=2, default=str))
-    return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,32 @@ def test_a_bad_yaml_file_is_one_line_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match=rf"^{bad}: not valid YAML at line \d+, column \d+: ") as e:
         load_config(bad)
     assert "\n" not in str(e.value)
+
+
+def test_argparse_lives_in_the_cli_only():
+    # Libraries take typed arguments; the command line is parsed in one place (alexnet/cli.py). alexnet/smoke.py
+    # is an entry point of its own (`make smoke`).
+    root = Path(__file__).resolve().parents[1]
+    users = sorted(str(p.relative_to(root)) for folder in ("alexnet", "pipelines") for p in (root / folder).glob("*.py")
+                   if re.search(r"^\s*(import argparse|from argparse import)", p.read_text(), re.M))
+    assert set(users) <= {"alexnet/cli.py", "alexnet/smoke.py"}, users
+
+
+def test_library_errors_name_the_parameter_not_the_flag(tmp_path):
+    from alexnet.train import run_training
+
+    cfg = load_config(None, [f"train.storage_path={tmp_path}"])
+    with pytest.raises(ValueError, match=r"^data.data is empty") as e:
+        run_training(cfg, tracking=False)
+    assert not str(e.value).startswith("--")
+
+
+def test_python_m_alexnet_train_parses_the_options_of_alexnet_train():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    shown = subprocess.run([sys.executable, "-m", "alexnet.train", "--help"], cwd=root, capture_output=True,
+                           text=True, check=True).stdout
+    assert shown.startswith("usage: python -m alexnet.train")
+    assert all(flag in shown for flag in ("--config", "--data", "--set", "--ray-address", "--no-tracking"))
