@@ -58,7 +58,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipelines import prepare, storage
+from pipelines import storage
+from pipelines.dataset import PreparedDataset
 
 __all__ = ["Batch", "ShardReader"]
 
@@ -151,7 +152,8 @@ class ShardReader:
     """Batches of one split of a prepared dataset for one rank: see the module docstring.
 
     Args:
-        data: the prepared dataset's URI (local folder or ``s3://``), holding ``manifest.json``.
+        data: the prepared dataset: its URI (local folder or ``s3://``, holding ``manifest.json``) or a
+            ``PreparedDataset`` already opened (its manifest is not read again).
         split: ``"train"`` or ``"val"``.
         batch_size: images per batch (per rank).
         rank, world_size: this worker's place among the data-parallel workers.
@@ -177,7 +179,7 @@ class ShardReader:
 
     def __init__(
         self,
-        data: str,
+        data: str | PreparedDataset,
         split: str,
         *,
         batch_size: int,
@@ -209,7 +211,8 @@ class ShardReader:
         if jpeg_decoder == "torchvision" and self._tv_decode is None:
             raise ValueError("jpeg_decoder='torchvision': this torchvision has no JPEG decoding kernel")
         self.jpeg_decoder = "torchvision" if self._tv_decode is not None else "pillow"
-        self.data, self.split = data, split
+        dataset = PreparedDataset.of(data)  # an opened dataset is not read again
+        self.dataset, self.data, self.split = dataset, dataset.uri, split
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.shuffle, self.seed = shuffle, seed
         self.drop_last = shuffle if drop_last is None else drop_last
@@ -220,16 +223,16 @@ class ShardReader:
         self.decode_device = torch.device(decode_device)
         self.epoch = 0
 
-        manifest = prepare.load_manifest(data)
+        manifest = dataset.manifest
         if split not in manifest["splits"]:
-            raise ValueError(f"{data} has no split {split!r}; it has {sorted(manifest['splits'])}")
+            raise ValueError(f"{self.data} has no split {split!r}; it has {sorted(manifest['splits'])}")
         image = manifest["image"]
         self.image_format: str = image["format"]
         if self.image_format not in ("jpeg", "raw"):
-            raise ValueError(f"{data}: unknown image format {self.image_format!r}")
+            raise ValueError(f"{self.data}: unknown image format {self.image_format!r}")
         height, width = image["size"]
         if height != width:
-            raise ValueError(f"{data}: expected square images, the manifest says {height}x{width}")
+            raise ValueError(f"{self.data}: expected square images, the manifest says {height}x{width}")
         self.image_size: int = int(height)
         self.num_classes: int = int(manifest["num_classes"])
         if self.decode_device.type != "cpu":
@@ -240,7 +243,7 @@ class ShardReader:
         self._runs: weakref.WeakSet[_Run] = weakref.WeakSet()
         self._meta: dict[int, pq.FileMetaData] = {}  # shard footers, read once each
         self._meta_lock = threading.Lock()
-        self._uris = prepare.shard_uris(data, manifest, split)
+        self._uris = dataset.shard_uris(split)
         self._units = self._plan_units(manifest)
         self._total = sum(u.rows for u in self._units)
 

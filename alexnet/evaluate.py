@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from alexnet.results import PAPER_VAL_ERRORS
+from pipelines.dataset import PreparedDataset
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def evaluate_checkpoint(
     checkpoint: str,
-    data: str,
+    data: str | PreparedDataset,
     *,
     crops: int = 1,
     split: str = "val",
@@ -33,22 +34,21 @@ def evaluate_checkpoint(
     """Evaluate ``checkpoint`` on ``split`` of the prepared dataset ``data``; returns errors and provenance."""
     from alexnet.data import ShardReader
     from alexnet.train import augmentation_for, checkpoint_config, errors, evaluate, load_checkpoint, model_from_checkpoint
-    from pipelines import prepare, stats as stats_mod
 
     if crops not in (1, 10):
         raise ValueError(f"crops must be 1 or 10, not {crops}")
     state = load_checkpoint(checkpoint)
     cfg = checkpoint_config(state)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    stats, mean_image = stats_mod.load_stats(data)
+    dataset = PreparedDataset.of(data, stats=True)  # one read of the manifest and stats, shared with the reader
+    data, stats, mean_image = dataset.uri, dataset.stats, dataset.mean_image()
     if state.get("stats_sha256") and stats.get("mean_image_sha256") != state["stats_sha256"]:
         log.warning("%s: statistics differ from those the checkpoint was trained with", data)
-    manifest = prepare.load_manifest(data)
-    if manifest["num_classes"] != state["num_classes"]:
-        raise ValueError(f"{data} has {manifest['num_classes']} classes; the checkpoint predicts {state['num_classes']}")
+    if dataset.num_classes != state["num_classes"]:
+        raise ValueError(f"{data} has {dataset.num_classes} classes; the checkpoint predicts {state['num_classes']}")
     augmentation = augmentation_for(cfg, stats, mean_image).to(dev)
     model = model_from_checkpoint(state).to(dev)
-    reader = ShardReader(data, split, batch_size=batch_size, shuffle=False, limit=limit)
+    reader = ShardReader(dataset, split, batch_size=batch_size, shuffle=False, limit=limit)
     result = errors(evaluate(model, reader, augmentation, device=dev, crops=crops))
     return {
         **result,
@@ -58,7 +58,7 @@ def evaluate_checkpoint(
         "epoch": state["epoch"],
         "checkpoint": checkpoint,
         "data": data,
-        "data_manifest_sha256": prepare.manifest_hash(data),
+        "data_manifest_sha256": dataset.manifest_sha256,
         "trained_on_manifest_sha256": state.get("data_manifest_sha256"),
         "mlflow_run_id": state.get("mlflow_run_id"),
         "paper": PAPER_VAL_ERRORS,

@@ -18,6 +18,7 @@ from torch import nn
 from alexnet.augment import Augmentation
 from alexnet.config import TransferConfig
 from alexnet.protocols import DatasetIndex, ProtocolSplit, decode_stored_batch, score_predictions
+from pipelines.dataset import PreparedDataset
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class FeatureExtractor:
         return {"key": batch["key"], **{name: taps[name].float().cpu().numpy() for name in self.layers}}
 
 
-def feature_batches(data: str, checkpoint: str, *, layers: list[str], splits: list[str] | None = None,
+def feature_batches(data: str | PreparedDataset, checkpoint: str, *, layers: list[str], splits: list[str] | None = None,
                     batch_size: int = 128, use_gpu: bool = False, num_actors: int = 0,
                     imagenet_stats: str | None = None, ray_address: str | None = None):
     """Activations of ``layers`` for the images of ``splits`` (default all) of the prepared dataset ``data``,
@@ -111,11 +112,12 @@ def feature_batches(data: str, checkpoint: str, *, layers: list[str], splits: li
     ``{"key": [B], layer: [B, D], ...}`` in no particular order (memory stays bounded on any dataset size)."""
     import ray.data
 
-    from pipelines import prepare, storage
+    from pipelines import storage
     from pipelines.rayutil import cpu_concurrency, ensure_ray
 
-    manifest = prepare.load_manifest(data)
-    uris = [u for split in sorted(splits or manifest["splits"]) for u in prepare.shard_uris(data, manifest, split)]
+    prepared = PreparedDataset.of(data)
+    manifest = prepared.manifest
+    uris = [u for split in sorted(splits or prepared.splits) for u in prepared.shard_uris(split)]
     ensure_ray(ray_address)
     fs, _ = storage.filesystem(uris[0])
     paths = [storage.filesystem(u)[1] for u in uris]
@@ -142,7 +144,7 @@ def feature_batches(data: str, checkpoint: str, *, layers: list[str], splits: li
     yield from features.iter_batches(batch_size=None, batch_format="numpy")
 
 
-def extract_features(data: str, checkpoint: str, *, keys: np.ndarray, layers: list[str], batch_size: int = 128,
+def extract_features(data: str | PreparedDataset, checkpoint: str, *, keys: np.ndarray, layers: list[str], batch_size: int = 128,
                      use_gpu: bool = False, num_actors: int = 0, imagenet_stats: str | None = None,
                      ray_address: str | None = None) -> dict[str, np.ndarray]:
     """Activations of ``layers`` for every image of the prepared dataset ``data`` (``feature_batches``), returned
@@ -159,7 +161,8 @@ def extract_features(data: str, checkpoint: str, *, keys: np.ndarray, layers: li
             out[name][rows] = batch[name]
         seen[rows] = True
     if not seen.all():
-        raise RuntimeError(f"features of {int((~seen).sum())} images of {data} are missing (first: "
+        uri = data.uri if isinstance(data, PreparedDataset) else data
+        raise RuntimeError(f"features of {int((~seen).sum())} images of {uri} are missing (first: "
                            f"{keys[~seen][0]})")
     return out  # type: ignore[return-value]
 

@@ -21,6 +21,7 @@ from alexnet.augment import Augmentation
 from alexnet.config import TransferConfig
 from alexnet.features import load_backbone
 from alexnet.protocols import DatasetIndex, ProtocolSplit, load_images, score_predictions
+from pipelines.dataset import PreparedDataset
 
 SCORES_FILE = "scores.npz"
 
@@ -113,7 +114,8 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
     keys, targets = list(c["train_keys"]), np.asarray(c["train_targets"])
     per_rank = len(keys) // world
     mine = np.arange(rank, per_rank * world, world)
-    images, _ = load_images(c["data"], [keys[i] for i in mine], threads=threads)
+    dataset = PreparedDataset.from_dict(c["dataset"])  # opened by the driver: no manifest read here
+    images, _ = load_images(dataset, [keys[i] for i in mine], threads=threads)
     targets = torch.as_tensor(targets[mine])
     loss_fn = masked_bce if c["multilabel"] else None
     generator = torch.Generator(device=device)
@@ -141,7 +143,7 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
                             "num_classes": c["num_classes"], "backbone": backbone.description},
                            Path(tmp) / FINETUNE_CHECKPOINT)
                 if epoch + 1 == c["epochs"]:  # the test predictions travel with the final weights
-                    test_images, _ = load_images(c["data"], list(c["test_keys"]), threads=threads)
+                    test_images, _ = load_images(dataset, list(c["test_keys"]), threads=threads)
                     scores = predict(unwrap(model), test_images, augmentation, device=device,
                                      multilabel=c["multilabel"])
                     np.savez(Path(tmp) / SCORES_FILE, keys=np.array(c["test_keys"]), scores=scores)
@@ -149,7 +151,7 @@ def finetune_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
 
-def finetune(index: DatasetIndex, data: str, checkpoint: str, split: ProtocolSplit, cfg: TransferConfig, *,
+def finetune(index: DatasetIndex, data: str | PreparedDataset, checkpoint: str, split: ProtocolSplit, cfg: TransferConfig, *,
              run_name: str, imagenet_stats: str | None = None) -> dict[str, Any]:
     """Fine-tune on ``split.train`` with Ray Train and score ``split.test``; rerunning ``run_name`` resumes."""
     from alexnet.train import checkpoint_uri_of, make_trainer, safe_torch_load
@@ -159,7 +161,7 @@ def finetune(index: DatasetIndex, data: str, checkpoint: str, split: ProtocolSpl
     else:
         targets = index.labels
     loop_config = {
-        "data": data, "checkpoint": checkpoint, "imagenet_stats": imagenet_stats,
+        "dataset": PreparedDataset.of(data).to_dict(), "checkpoint": checkpoint, "imagenet_stats": imagenet_stats,
         "num_classes": index.num_classes, "multilabel": index.multilabel,
         "train_keys": index.keys[split.train].tolist(), "train_targets": targets[split.train].tolist(),
         "test_keys": index.keys[split.test].tolist(),

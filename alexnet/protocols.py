@@ -15,6 +15,7 @@ import numpy as np
 
 from alexnet.config import TRANSFER_DATASETS as DATASETS
 from alexnet.config import TransferConfig
+from pipelines.dataset import PreparedDataset
 
 # --- what a prepared transfer dataset holds ---------------------------------------------------------------------
 
@@ -41,35 +42,36 @@ class DatasetIndex:
         return np.flatnonzero(self.splits == split)
 
 
-def split_tables(data: str, manifest: dict[str, Any], splits: list[str], columns: list[str]):
+def split_tables(dataset: PreparedDataset, splits: list[str], columns: list[str]):
+    """``columns`` of every shard of ``splits``, one table per shard, each with a ``split`` column added."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines import prepare, storage
+    from pipelines import storage
 
     tables = []
     for split in splits:
-        for uri in prepare.shard_uris(data, manifest, split):
+        for uri in dataset.shard_uris(split):
             fs, path = storage.filesystem(uri)
             table = pq.read_table(path, filesystem=fs, columns=columns)
             tables.append(table.append_column("split", pa.array([split] * table.num_rows, pa.string())))
     return tables
 
 
-def load_index(data: str) -> DatasetIndex:
-    """The keys, splits and labels of the prepared dataset at ``data`` (``alexnet prepare caltech101|...``)."""
+def load_index(data: str | PreparedDataset) -> DatasetIndex:
+    """The keys, splits and labels of the prepared dataset ``data`` (``alexnet prepare caltech101|...``; a URI or
+    the ``PreparedDataset`` already opened)."""
     import pyarrow as pa
 
-    from pipelines import prepare
-
-    manifest = prepare.load_manifest(data)
+    prepared = PreparedDataset.of(data)
+    data, manifest = prepared.uri, prepared.manifest
     dataset = manifest.get("dataset", "imagenet")
     if dataset not in DATASETS:
         raise ValueError(f"{data} holds {dataset!r}, not one of the transfer datasets {DATASETS}; "
                          f"prepare one with `alexnet prepare {'|'.join(DATASETS)} --source SRC --out OUT`")
     multilabel = bool(manifest.get("multi_label"))
     columns = ["key", "label"] + (["labels", "difficult"] if multilabel else [])
-    table = pa.concat_tables(split_tables(data, manifest, sorted(manifest["splits"]), columns))
+    table = pa.concat_tables(split_tables(prepared, prepared.splits, columns))
     order = sorted(range(table.num_rows), key=lambda i: (table["split"][i].as_py(), table["key"][i].as_py()))
     table = table.take(pa.array(order, pa.int64()))
     keys = table["key"].to_pylist()
@@ -90,18 +92,17 @@ def load_index(data: str) -> DatasetIndex:
                         tuple(manifest.get("empty_classes", ())))
 
 
-def load_images(data: str, keys: list[str], *, threads: int = 4) -> tuple[np.ndarray, list[str]]:
-    """The stored images of ``keys`` (any split of the prepared dataset ``data``), decoded to uint8
-    ``[N, 3, S, S]`` in the order of ``keys``."""
+def load_images(data: str | PreparedDataset, keys: list[str], *, threads: int = 4) -> tuple[np.ndarray, list[str]]:
+    """The stored images of ``keys`` (any split of the prepared dataset ``data``, a URI or the
+    ``PreparedDataset``), decoded to uint8 ``[N, 3, S, S]`` in the order of ``keys``."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from pipelines import prepare
-
-    manifest = prepare.load_manifest(data)
+    prepared = PreparedDataset.of(data)
+    data, manifest = prepared.uri, prepared.manifest
     wanted = pa.array(list(keys), pa.string())
     tables = [t.filter(pc.is_in(t["key"], value_set=wanted))
-              for t in split_tables(data, manifest, sorted(manifest["splits"]), ["key", "image"])]
+              for t in split_tables(prepared, prepared.splits, ["key", "image"])]
     table = pa.concat_tables(tables)
     position = {k: i for i, k in enumerate(table["key"].to_pylist())}
     missing = [k for k in keys if k not in position]
@@ -110,7 +111,7 @@ def load_images(data: str, keys: list[str], *, threads: int = 4) -> tuple[np.nda
     blobs = table["image"].to_pylist()
     ordered = [blobs[position[k]] for k in keys]
     return decode_stored_batch(ordered, image_format=manifest["image"]["format"], size=manifest["image"]["size"][0],
-                         threads=threads), list(keys)
+                               threads=threads), list(keys)
 
 
 def decode_stored_batch(blobs, *, image_format: str, size: int, threads: int = 4) -> np.ndarray:

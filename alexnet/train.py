@@ -34,6 +34,7 @@ from alexnet.checkpoints import (  # noqa: F401 - re-exported: the checkpoint AP
 from alexnet.config import Config
 from alexnet.model import build_model
 from alexnet.recipe import LRSchedule, build_optimizer, chance_loss_warning, set_lr  # noqa: F401 - re-exported
+from pipelines.dataset import PreparedDataset
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,6 @@ def setup_worker(loop_config: dict[str, Any]) -> WorkerRun:
 
     from alexnet.data import ShardReader
     from alexnet.tracking import RunLogger
-    from pipelines import prepare, stats as stats_mod
 
     cfg = Config.from_dict(loop_config["config"])
     ctx = ray.train.get_context()
@@ -254,10 +254,12 @@ def setup_worker(loop_config: dict[str, Any]) -> WorkerRun:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world} workers")
     per_worker_batch = cfg.train.batch_size // world
 
-    manifest = prepare.load_manifest(cfg.data.data)
-    stats, mean_image = stats_mod.load_stats(cfg.data.data)
-    num_classes = cfg.model.num_classes or manifest["num_classes"]
-    augmentation = augmentation_for(cfg, stats, mean_image).to(device)
+    # opened once by the driver; a loop config without it (run by hand) opens it here
+    dataset = (PreparedDataset.from_dict(loop_config["dataset"]) if loop_config.get("dataset")
+               else PreparedDataset.open(cfg.data.data, stats=True))
+    stats = dataset.stats
+    num_classes = cfg.model.num_classes or dataset.num_classes
+    augmentation = augmentation_for(cfg, stats, dataset.mean_image()).to(device)
 
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(**model_kwargs(cfg, num_classes=num_classes))
@@ -293,15 +295,15 @@ def setup_worker(loop_config: dict[str, Any]) -> WorkerRun:
 
     common = dict(rank=rank, world_size=world, decode_threads=cfg.data.decode_threads or None,
                   pin_memory=device.type == "cuda")
-    train_reader = ShardReader(cfg.data.data, cfg.data.train_split, batch_size=per_worker_batch, shuffle=True,
+    train_reader = ShardReader(dataset, cfg.data.train_split, batch_size=per_worker_batch, shuffle=True,
                                seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                                limit=cfg.data.limit_train or None, **common)
-    val_reader = ShardReader(cfg.data.data, cfg.data.val_split, batch_size=per_worker_batch, shuffle=False,
+    val_reader = ShardReader(dataset, cfg.data.val_split, batch_size=per_worker_batch, shuffle=False,
                              limit=cfg.data.limit_val or None, **common)
     return WorkerRun(cfg=cfg, rank=rank, world=world, device=device, model=model, optimizer=optimizer,
                      schedule=schedule, augmentation=augmentation, train_reader=train_reader, val_reader=val_reader,
                      generator=torch.Generator(device=device), num_classes=num_classes,
-                     manifest_sha256=prepare.manifest_hash(cfg.data.data),
+                     manifest_sha256=dataset.manifest_sha256,
                      stats_sha256=stats.get("mean_image_sha256"), start_epoch=start_epoch, history=history,
                      mlflow_run_id=mlflow_run_id, tracker=tracker)
 
@@ -445,28 +447,35 @@ class TrainResult:
 
 
 def run_training(cfg: Config, *, ray_address: str | None = None, tracking: bool = True,
-                 parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> TrainResult:
-    """Train with Ray Train as ``cfg`` says; rerunning the same ``train.run_name`` resumes it."""
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                 dataset: PreparedDataset | None = None) -> TrainResult:
+    """Train with Ray Train as ``cfg`` says; rerunning the same ``train.run_name`` resumes it. ``dataset``: the
+    prepared dataset ``data.data`` already opened (default: opened here); the workers get it, not a URI to read."""
     from alexnet.tracking import git_commit, resolve_tracking_uri
-    from pipelines import prepare, storage
+    from pipelines import storage
     from pipelines.rayutil import check_resources, ensure_ray
 
+    if dataset is not None:
+        cfg.data.data = cfg.data.data or dataset.uri
     if not cfg.data.data:
         raise ValueError("data.data is empty: set it to a prepared dataset, a folder or s3:// prefix written by "
                          "`alexnet prepare` (on the command line: --data URI)")
     cfg.data.data = storage.absolute(cfg.data.data)
-    manifest = prepare.load_manifest(cfg.data.data)  # fail here, clearly, rather than in every worker
+    if dataset is None or storage.absolute(dataset.uri) != cfg.data.data:
+        dataset = PreparedDataset.open(cfg.data.data)  # fail here, clearly, rather than in every worker
     # Refused here, before fit(): a worker's error would be retried train.max_failures times.
-    manifest_sha256 = prepare.manifest_hash(cfg.data.data)
-    resumes = check_resume(cfg, manifest_sha256=manifest_sha256,
-                           num_classes=cfg.model.num_classes or manifest["num_classes"])
+    resumes = check_resume(cfg, manifest_sha256=dataset.manifest_sha256,
+                           num_classes=cfg.model.num_classes or dataset.num_classes)
     if resumes:
         log.info("train.run_name=%s resumes from %s", cfg.train.run_name, resumes)
+    dataset = dataset.with_stats()
+    manifest_sha256 = dataset.manifest_sha256
     ensure_ray(ray_address)
     check_resources("train", num_workers=cfg.train.num_workers, cpus_per_worker=cfg.train.cpus_per_worker,
                     use_gpu=cfg.train.use_gpu)
 
-    loop_config: dict[str, Any] = {"config": cfg.to_dict(), "parent_run_id": parent_run_id,
+    loop_config: dict[str, Any] = {"config": cfg.to_dict(), "dataset": dataset.to_dict(),
+                                   "parent_run_id": parent_run_id,
                                    "tags": {"git_commit": git_commit(),
                                             "data_manifest_sha256": manifest_sha256, **(tags or {})}}
     if tracking:

@@ -43,11 +43,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import imaging, ingest, outdir, ranges, storage
+from pipelines.dataset import (  # noqa: F401 - re-exported: the dataset's files are read by pipelines.dataset
+    MANIFEST, PrepareError, load_manifest, manifest_hash, shard_uris)
 from pipelines.imaging import DecodeError, ImageRecipe
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 STATE_DIR = "_state"
 CACHE_DIR = "_cache"
 FORMAT_VERSION = "alexnet-prepared/1"
@@ -67,10 +68,6 @@ SHARD_SCHEMA = pa.schema(
 
 #: Typical stored bytes per image, used to size shards and row groups.
 _EST_BYTES = {"jpeg": 32 << 10, "raw": 256 * 256 * 3}
-
-
-class PrepareError(RuntimeError):
-    """Preprocessing cannot finish: too many rejects, or an output from other inputs is in the way."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,24 +446,3 @@ def _manifest(index, plan, records, num_shards, params, plan_hash, recipe: Image
         "rejects": rejects,
         "plan_hash": plan_hash,
     } | ({"empty_classes": list(index.empty_classes)} if index.empty_classes else {})
-
-
-def load_manifest(data: str) -> dict[str, Any]:
-    """The manifest of a prepared dataset; a clear error when the dataset is missing or incomplete."""
-    uri = storage.join(data, MANIFEST)
-    if not storage.exists(uri):
-        raise PrepareError(
-            f"{uri} not found: {data} is not a complete prepared dataset. "
-            f"Run `alexnet prepare imagenet --source SRC --out {data}` (or caltech101, flowers102, voc2007 for the "
-            "transfer datasets; it resumes an interrupted run)."
-        )
-    return storage.read_json(uri)
-
-
-def shard_uris(data: str, manifest: dict[str, Any], split: str) -> list[str]:
-    return [storage.join(data, s["path"]) for s in manifest["splits"][split]["shards"]]
-
-
-def manifest_hash(data: str) -> str:
-    """sha256 of ``manifest.json``: the identity of a prepared dataset in lineage tags and checkpoints."""
-    return hashlib.sha256(storage.read_bytes(storage.join(data, MANIFEST))).hexdigest()

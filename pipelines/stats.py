@@ -24,12 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import imaging, prepare, storage
+from pipelines import imaging, storage
+from pipelines.dataset import MEAN_IMAGE, STATS, PreparedDataset, load_stats  # noqa: F401 - load_stats re-exported
 
 log = logging.getLogger(__name__)
 
-STATS = "stats.json"
-MEAN_IMAGE = "mean_image.npy"
 
 
 def partial_sums(batch: dict[str, np.ndarray], *, image_format: str, size: int) -> dict[str, np.ndarray]:
@@ -109,9 +108,10 @@ def compute_stats(
     from pipelines.rayutil import cpu_concurrency, ensure_ray
 
     started = time.time()
-    manifest = prepare.load_manifest(data)
+    dataset = PreparedDataset.open(data)
+    manifest = dataset.manifest
     image_format, size = manifest["image"]["format"], manifest["image"]["size"][0]
-    uris = prepare.shard_uris(data, manifest, split)
+    uris = dataset.shard_uris(split)
     ensure_ray(ray_address)
 
     # One task per shard: every shard is read exactly once, in parallel, a row group at a time.
@@ -139,7 +139,7 @@ def compute_stats(
     stats.update(
         split=split,
         data=data,
-        manifest_sha256=prepare.manifest_hash(data),
+        manifest_sha256=dataset.manifest_sha256,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         elapsed_s=round(time.time() - started, 3),
     )
@@ -148,11 +148,3 @@ def compute_stats(
     storage.write_json(storage.join(data, STATS), stats)  # written last: its presence means both are complete
     log.info("wrote %s: eigval %s", storage.join(data, STATS), np.round(stats["eigval"], 6).tolist())
     return stats
-
-
-def load_stats(data: str) -> tuple[dict[str, Any], np.ndarray]:
-    """(stats, mean image) of a prepared dataset; a clear error when ``alexnet stats`` has not run."""
-    uri = storage.join(data, STATS)
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri} not found: run `alexnet stats --data {data}` first")
-    return storage.read_json(uri), storage.read_numpy(storage.join(data, MEAN_IMAGE))
