@@ -213,19 +213,37 @@ def save_checkpoint_files(state: dict[str, Any], folder: str | Path) -> None:
     (folder / "config.json").write_text(json.dumps(state["config"], indent=2))
 
 
+def sidecar_uri(uri: str) -> str | None:
+    """Where the ``meta.json`` of the checkpoint folder (or its ``checkpoint.pt``) ``uri`` is; None for any other
+    file (a torchvision state dict, a fine-tuning checkpoint)."""
+    from pipelines import storage
+
+    if uri.endswith("/" + CHECKPOINT_FILE) or uri == CHECKPOINT_FILE:
+        return storage.join(uri[: -len(CHECKPOINT_FILE)].rstrip("/") or ".", META_FILE)
+    if uri.endswith((".pt", ".pth")):
+        return None
+    return storage.join(uri, META_FILE)
+
+
+def read_sidecar(uri: str) -> dict[str, Any] | None:
+    """The ``meta.json`` of the checkpoint ``uri``, or None where there is none (checkpoints written before it,
+    files of other kinds) or it is not a complete sidecar."""
+    from pipelines import storage
+
+    meta_uri = sidecar_uri(uri)
+    if meta_uri is None or not storage.exists(meta_uri):
+        return None
+    try:
+        meta = storage.read_json(meta_uri)
+    except ValueError:
+        return None
+    if not isinstance(meta, dict) or not all(k in meta for k in ("config", "data_manifest_sha256", "num_classes")):
+        return None
+    return meta
+
+
 def read_checkpoint_meta(uri: str) -> dict[str, Any]:
     """``checkpoint_meta`` of the checkpoint folder (or its ``checkpoint.pt``) ``uri``: from the ``meta.json``
     sidecar when there is one, else (checkpoints written before it) from the full checkpoint."""
-    from pipelines import storage
-
-    folder = uri.rsplit("/", 1)[0] if uri.endswith("/" + CHECKPOINT_FILE) else uri
-    meta_uri = storage.join(folder, META_FILE)
-    if not uri.endswith(".pt") or folder != uri:
-        if storage.exists(meta_uri):
-            try:
-                meta = storage.read_json(meta_uri)
-            except ValueError:
-                meta = None
-            if isinstance(meta, dict) and all(k in meta for k in ("config", "data_manifest_sha256", "num_classes")):
-                return meta
-    return checkpoint_meta(load_checkpoint(uri))
+    meta = read_sidecar(uri)
+    return meta if meta is not None else checkpoint_meta(load_checkpoint(uri))

@@ -47,6 +47,16 @@ def read_checkpoint_state(checkpoint: str) -> dict[str, Any]:
     return load_checkpoint(checkpoint)
 
 
+def check_checkpoint(checkpoint: str) -> dict[str, Any]:
+    """Before any data work: the checkpoint's ``meta.json`` sidecar when it has one (a small read instead of the
+    whole file: 490 MB on S3 for the paper net), else its state, read with ``weights_only=True`` (a missing, foreign
+    or crafted file fails here). Every load of the weights themselves is ``weights_only=True`` too."""
+    from alexnet.checkpoints import read_sidecar
+
+    meta = read_sidecar(checkpoint)
+    return meta if meta is not None else read_checkpoint_state(checkpoint)
+
+
 def load_backbone(checkpoint: str, *, imagenet_stats: str | None = None) -> Backbone:
     """The network of ``checkpoint``: a checkpoint of ``alexnet train`` (folder or ``checkpoint.pt``, local or
     ``s3://``), normalised with the ImageNet statistics it was trained with (``stats.json`` and

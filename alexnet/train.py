@@ -30,7 +30,7 @@ from alexnet.augment import Augmentation
 from alexnet.checkpoints import (  # noqa: F401 - re-exported: the checkpoint API's import path stays alexnet.train
     CHECKPOINT_FILE, RAY_CHECKPOINT_SNAPSHOT, RESUME_DATA_KEYS, ResumeRefused, check_resume, checkpoint_config,
     checkpoint_state, latest_checkpoint, load_checkpoint, model_from_checkpoint, model_kwargs, resume_differences,
-    read_checkpoint_meta, rng_state, safe_torch_load, save_checkpoint_files, set_rng_state, unwrap)
+    read_checkpoint_meta, read_sidecar, rng_state, safe_torch_load, save_checkpoint_files, set_rng_state, unwrap)
 from alexnet.config import Config
 from alexnet.model import build_model
 from alexnet.recipe import LRSchedule, build_optimizer, chance_loss_warning, set_lr  # noqa: F401 - re-exported

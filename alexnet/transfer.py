@@ -47,8 +47,8 @@ import numpy as np
 from alexnet.config import TRANSFER_METHODS as METHODS
 from alexnet.config import TransferConfig
 from alexnet.features import (  # noqa: F401 - re-exported: alexnet.transfer is the import path of the whole API
-    Backbone, FeatureExtractor, extract_features, feature_batches, fit_and_score, linear_probe, load_backbone,
-    read_checkpoint_state)
+    Backbone, FeatureExtractor, check_checkpoint, extract_features, feature_batches, fit_and_score, linear_probe,
+    load_backbone, read_checkpoint_state)
 from alexnet.finetune import (  # noqa: F401 - re-exported
     FINETUNE_CHECKPOINT, SCORES_FILE, finetune, finetune_loop_per_worker, finetune_optimizer, masked_bce, predict,
     replace_head)
@@ -94,7 +94,7 @@ def run_transfer(dataset: str, data: str, checkpoint: str, *, method: str, confi
     data = storage.absolute(data)
     if not storage.is_s3(checkpoint):
         checkpoint = storage.absolute(checkpoint)
-    read_checkpoint_state(checkpoint)  # a missing, foreign or crafted checkpoint fails here, before any data or Ray
+    check_checkpoint(checkpoint)  # a missing, foreign or crafted checkpoint fails here, before any data or Ray
     dataset = PreparedDataset.open(data)  # read once; index, features and fine-tuning workers get this object
     index = load_index(dataset)
     if index.dataset != dataset:

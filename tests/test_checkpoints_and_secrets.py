@@ -122,6 +122,49 @@ def _saved_run(tmp_path: Path, data: str, *overrides: str) -> tuple:
     return cfg, folder
 
 
+def test_the_checks_read_the_small_sidecar_not_the_checkpoint_and_old_checkpoints_fall_back(tmp_path):
+    from alexnet.checkpoints import META_FILE, checkpoint_meta, read_checkpoint_meta, save_checkpoint_files
+    from alexnet.train import LRSchedule, ResumeRefused, build_optimizer, check_resume, checkpoint_state
+    from alexnet.transfer import check_checkpoint
+    from pipelines.prepare import manifest_hash
+
+    data = _fake_dataset(tmp_path / "a")
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"data.data={data}", "train.run_name=r",
+                                                        f"train.storage_path={tmp_path / 'ray'}"])
+    model = torch.nn.Linear(2, 2)
+    state = checkpoint_state(model=model, optimizer=build_optimizer(model, lr=0.1, momentum=0.9, weight_decay=0),
+                             schedule=LRSchedule(0.1), epoch=2, config=cfg.to_dict(), num_classes=10,
+                             manifest_sha256=manifest_hash(data), stats_sha256="cd",
+                             history=[{"epoch": 1, "val_top1_err": 0.5}, {"epoch": 2, "val_top1_err": 0.4}],
+                             mlflow_run_id="run-1")
+    folder = tmp_path / "ray" / "r" / "checkpoint_2026-01-01_00-00-00.000000"
+    folder.mkdir(parents=True)
+    save_checkpoint_files(state, folder)
+    meta = json.loads((folder / META_FILE).read_text())
+    assert meta == json.loads(json.dumps(checkpoint_meta(state)))  # config, sha256, num_classes, epoch, history
+    assert meta["epoch"] == 2 and meta["num_classes"] == 10 and meta["data_manifest_sha256"] == manifest_hash(data)
+    assert json.loads((folder / "config.json").read_text()) == cfg.to_dict()
+
+    # The weights are not read: with checkpoint.pt unreadable, the checks still answer from the sidecar.
+    (folder / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert check_resume(cfg, manifest_sha256=manifest_hash(data), num_classes=10) == str(folder)
+    with pytest.raises(ResumeRefused, match="num_classes 10 != 5"):
+        check_resume(cfg, manifest_sha256=manifest_hash(data), num_classes=5)
+    assert check_checkpoint(str(folder))["epoch"] == 2
+    assert check_checkpoint(str(folder / "checkpoint.pt"))["epoch"] == 2
+    assert read_checkpoint_meta(str(folder))["history"] == state["history"]
+
+    # A checkpoint from before the sidecar: the whole file is read (and this one is refused).
+    (folder / META_FILE).unlink()
+    with pytest.raises(ValueError, match="refusing to load"):
+        check_resume(cfg, manifest_sha256=manifest_hash(data), num_classes=10)
+    with pytest.raises(ValueError, match="refusing to load"):
+        check_checkpoint(str(folder))
+    torch.save(state, folder / "checkpoint.pt")
+    assert check_resume(cfg, manifest_sha256=manifest_hash(data), num_classes=10) == str(folder)
+    assert read_checkpoint_meta(str(folder)) == checkpoint_meta(state)
+
+
 def test_resuming_on_other_data_or_another_model_is_refused_before_training(tmp_path, monkeypatch):
     from alexnet.train import ResumeRefused, check_resume, run_training
     from pipelines.prepare import manifest_hash
