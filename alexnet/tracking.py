@@ -96,6 +96,10 @@ class RunLogger:
     def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_table(self, table: dict[str, list[Any]], artifact_file: str) -> None:
+        """A table (columns of equal length) that the MLflow UI shows and compares across runs."""
+        self._client.log_table(self.run_id, data=table, artifact_file=artifact_file)
+
     def log_curves(self, history: list[dict[str, float]], name: str = "curves.png") -> None:
         """Loss, error and learning-rate curves over epochs, as one PNG artifact."""
         if not history:

@@ -177,7 +177,7 @@ def log_transfer(result: dict[str, Any], *, tracking_uri: str | None = None, exp
         for name, arrays in (test_scores or {}).items():
             np.savez(Path(tmp) / f"{name}.npz", **arrays)
             run.log_file(Path(tmp) / f"{name}.npz", TEST_SCORES_DIR)
-    run._client.log_table(run.run_id, data=table, artifact_file="transfer_table.json")
+    run.log_table(table, "transfer_table.json")
     run.end()
     return run.run_id
 

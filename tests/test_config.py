@@ -128,3 +128,24 @@ def test_python_m_alexnet_train_parses_the_options_of_alexnet_train():
                            text=True, check=True).stdout
     assert shown.startswith("usage: python -m alexnet.train")
     assert all(flag in shown for flag in ("--config", "--data", "--set", "--ray-address", "--no-tracking"))
+
+
+def test_no_private_name_is_imported_across_modules():
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for path in sorted([*(root / "alexnet").glob("*.py"), *(root / "pipelines").glob("*.py")]):
+        tree = ast.parse(path.read_text())
+        modules = set()  # names bound to one of our modules
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("alexnet", "pipelines", "flows"):
+                found += [f"{path.name}: from {node.module} import {a.name}" for a in node.names
+                          if a.name.startswith("_")]
+                modules |= {a.asname or a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                modules |= {a.asname or a.name for a in node.names if a.name.split(".")[0] in ("alexnet", "pipelines")}
+        found += [f"{path.name}: {node.value.id}.{node.attr}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.value.id in modules and node.attr.startswith("_") and not node.attr.startswith("__")]
+    assert not found, found

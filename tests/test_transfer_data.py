@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import hashlib
 import os
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ from pipelines.download import ChecksumError, download_dataset
 from pipelines.synth import write_synthetic
 from pipelines.synth_transfer import TransferSynthInfo
 from tests.conftest import ROOT, upload_tree
-from tests.test_download import _md5, http_server  # noqa: F401 - the loopback HTTP server fixture
+from tests.test_download import http_server  # noqa: F401 - the loopback HTTP server fixture
 from tests.test_synth import hue_histogram
 
 pytestmark = pytest.mark.slow
@@ -362,7 +363,7 @@ def test_download_verifies_published_or_given_checksums_over_http(http_server, s
         shutil.copy(sources["flowers102"] / name, state.root / name)
     with pytest.raises(ChecksumError, match=formats.FLOWERS102_TGZ):  # synthetic files: not the published MD5s
         download_dataset("flowers102", url, tmp_path / "published", progress=False)
-    md5 = {n: _md5((state.root / n).read_bytes()) for n in os.listdir(state.root)}
+    md5 = {n: hashlib.md5((state.root / n).read_bytes()).hexdigest() for n in os.listdir(state.root)}
     paths = download_dataset("flowers102", url, tmp_path / "given", md5=md5, progress=False)
     assert [p.name for p in paths] == [formats.FLOWERS102_TGZ, formats.FLOWERS102_LABELS, formats.FLOWERS102_SETID]
 
