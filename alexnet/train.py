@@ -2,8 +2,10 @@
 
 Krizhevsky et al. 2012, section 5: stochastic gradient descent, batch 128, momentum 0.9, weight decay 0.0005;
 learning rate 0.01, divided by 10 when the validation error stopped improving (three times in all); about 90
-epochs. The driver (``run_training``) builds a ``TorchTrainer``; ``train_loop_per_worker`` is a thin adapter over
-``train_one_epoch`` and ``evaluate``, which are plain functions usable without Ray.
+epochs (the optimiser and schedule: ``alexnet.recipe``; checkpoints and resume checks: ``alexnet.checkpoints``).
+The driver (``run_training``) opens the dataset once and builds the trainer with ``make_trainer`` (fine-tuning uses
+it too); ``train_loop_per_worker`` is ``setup_worker``, then per epoch ``run_epoch`` (``train_one_epoch`` and
+``evaluate``, plain functions usable without Ray) and ``save_checkpoint``, then ``finish_worker``.
 
     alexnet train --config configs/smoke.yaml --data runs/smoke/prepared
     python -m alexnet.train --config configs/paper.yaml --data s3://bucket/imagenet-256   # for `ray job submit`
