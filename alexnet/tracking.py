@@ -93,6 +93,10 @@ class RunLogger:
             path.write_text(json.dumps(redact_values(obj), indent=2))
             self._client.log_artifact(self.run_id, str(path))
 
+    def log_table(self, columns: dict[str, list[Any]], name: str) -> None:
+        """An MLflow table (shown in the run's artifacts and the UI's evaluation view): columns of equal length."""
+        self._client.log_table(self.run_id, data=redact_values(columns), artifact_file=name)
+
     def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._client.log_artifact(self.run_id, str(path), artifact_path)
 

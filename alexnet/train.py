@@ -204,9 +204,11 @@ def evaluate(
     crops: int = 1,
     bf16: bool = False,
     channels_last: bool = False,
+    on_scores: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
     """Sums of loss, top-1 and top-5 hits over ``batches`` with the centre crop (``crops=1``) or the paper's ten
-    crops (``crops=10``: softmax averaged over four corners, centre and their reflections)."""
+    crops (``crops=10``: softmax averaged over four corners, centre and their reflections). ``on_scores(scores,
+    labels)`` sees each batch's scores (per-class tables: ``alexnet.evaluate.ClassTally``)."""
     from alexnet.augment import predict_ten_crop
 
     model.eval()
@@ -228,6 +230,8 @@ def evaluate(
             else:
                 raise ValueError(f"crops must be 1 or 10, not {crops}")
         c1, c5 = topk_correct(scores, labels)
+        if on_scores is not None:
+            on_scores(scores, labels)
         loss_sum += float(loss)
         top1, top5, seen = top1 + c1, top5 + c5, seen + labels.shape[0]
     return {"loss_sum": loss_sum, "top1": top1, "top5": top5, "seen": seen}
