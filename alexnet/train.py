@@ -515,7 +515,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0 and loop_config.get("tracking_uri"):
         tracker = RunLogger(loop_config["tracking_uri"], cfg.tracking.experiment, run_name=cfg.train.run_name,
                             run_id=mlflow_run_id, parent_run_id=loop_config.get("parent_run_id"),
-                            tags=loop_config.get("tags"))
+                            tags=loop_config.get("tags"), system_metrics=cfg.tracking.system_metrics)
         mlflow_run_id = tracker.run_id
         training_params = {k: v for k, v in cfg.flat().items() if not k.startswith("transfer.")}
         tracker.log_params(training_params | {"derived.num_classes": num_classes, "derived.world_size": world,
