@@ -12,6 +12,7 @@ normalised as torchvision does, and its class names come from torchvision's weig
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,8 @@ def load_predictor(checkpoint: str, *, data: str | None = None, tracking_uri: st
     if manifest["num_classes"] != num_classes:
         raise ValueError(f"{dataset} has {manifest['num_classes']} classes; {resolved} predicts {num_classes}: pass "
                          "the prepared dataset it was trained on as --data URI")
-    recipe = ImageRecipe(**manifest.get("preprocessing", {}).get("recipe", {}))
+    known = {f.name for f in dataclasses.fields(ImageRecipe)}
+    recipe = ImageRecipe(**{k: v for k, v in manifest.get("preprocessing", {}).get("recipe", {}).items() if k in known})
     classes = [{"label": c["label"], "wnid": c.get("wnid", ""), "words": c.get("words") or c.get("wnid", "")}
                for c in sorted(manifest["classes"], key=lambda c: c["label"])]
     return Predictor(backbone.model, backbone.augmentation, recipe, classes,
