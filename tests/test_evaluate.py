@@ -69,11 +69,10 @@ def test_evaluation_logs_the_per_class_table_and_confused_pairs_to_mlflow(traine
     assert run.data.metrics["eval_val_1crop_top1_err"] == result["top1_err"]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"per_class_val_1crop.json", "confused_pairs_val_1crop.json", "evaluation_val_1crop.json"} <= artifacts
-    mlflow.set_tracking_uri(store)
-    table = mlflow.load_table("per_class_val_1crop.json", run_ids=[run_id])
+    table = client.load_table(run.info.experiment_id, "per_class_val_1crop.json", run_ids=[run_id])
     assert list(table.columns[:6]) == ["label", "wnid", "words", "images", "top1_err", "top5_err"]
     assert table["images"].sum() == n and list(table["wnid"]) == [r["wnid"] for r in per_class]
-    pairs = mlflow.load_table("confused_pairs_val_1crop.json", run_ids=[run_id])
+    pairs = client.load_table(run.info.experiment_id, "confused_pairs_val_1crop.json", run_ids=[run_id])
     assert list(pairs["count"]) == [p["count"] for p in result["confused_pairs"]]
     assert set(class_tables(result)) == {"per_class_val_1crop.json", "confused_pairs_val_1crop.json"}
 

@@ -41,7 +41,8 @@ def test_a_run_shorter_than_the_sampling_interval_still_gets_a_sample(tmp_path):
 
 def test_the_config_switch_defaults_on():
     assert load_config(ROOT / "configs" / "smoke.yaml").tracking.system_metrics is True
-    assert load_config(ROOT / "configs" / "smoke.yaml", ["tracking.system_metrics=false"]).tracking.system_metrics is False
+    off = load_config(ROOT / "configs" / "smoke.yaml", ["tracking.system_metrics=false"])
+    assert off.tracking.system_metrics is False
 
 
 def test_training_runs_log_system_metrics(trained_imagenet):
