@@ -174,3 +174,11 @@ def test_torchvision_state_dict_predicts_imagenet_categories_with_torchvisions_t
     with torch.no_grad():
         probs = predictor.model(theirs).softmax(-1)[0]
     assert preds[0]["probability"] == pytest.approx(float(probs.max()), rel=0.05)
+
+
+def test_predict_has_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["predict", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: alexnet predict" in out and "models:/alexnet@champion" in out and "--files LIST" in out
