@@ -112,6 +112,7 @@ class TrackingConfig:
     experiment: str = "alexnet"
     log_model: bool = True
     registered_model: str = ""  #: register the final model under this name ("" = do not register)
+    system_metrics: bool = True  #: MLflow system metrics (CPU, memory, GPU) on the training run
 
 
 TRANSFER_DATASETS = ("caltech101", "flowers102", "voc2007")

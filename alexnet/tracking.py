@@ -20,6 +20,9 @@ from pipelines.redact import redact_text, redact_values
 log = logging.getLogger(__name__)
 
 DEFAULT_STORE = "sqlite:///mlflow.db"
+#: Seconds between samples of MLflow's system metrics (its default is 10): a smoke epoch lasts tens of seconds.
+#: ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides it.
+SYSTEM_METRICS_INTERVAL_S = 5.0
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -43,11 +46,40 @@ def git_commit() -> str:
         return "unknown"
 
 
+def start_system_metrics(tracking_uri: str, run_id: str, *, resume: bool) -> Any | None:
+    """MLflow's system metrics monitor (``system/cpu_utilization_percentage``, ``system/system_memory_usage_*``,
+    disk, network, and ``system/gpu_*`` where pynvml finds NVIDIA GPUs) on the run ``run_id``, sampling every
+    ``SYSTEM_METRICS_INTERVAL_S`` seconds in a thread of this process; ``None`` (with a warning) without psutil."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError as e:
+        log.warning("MLflow system metrics are off: %s (install psutil, or set tracking.system_metrics=false)", e)
+        return None
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=resume,
+                                   tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
+
+
+def stop_system_metrics(monitor: Any) -> None:
+    """Stop ``monitor`` and log one last sample: MLflow's thread drops the samples of an unfinished interval, so
+    a run shorter than the interval would otherwise have none."""
+    monitor.finish()
+    try:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as e:  # noqa: BLE001 - bookkeeping must not fail a finished training
+        log.warning("could not log the last system metrics sample: %s", e)
+
+
 class RunLogger:
-    """One MLflow run: params, per-epoch metrics, artifacts and the model. Reopens a run by id on resume."""
+    """One MLflow run: params, per-epoch metrics, artifacts and the model. Reopens a run by id on resume. With
+    ``system_metrics``, MLflow's system metrics (CPU, memory, disk, network, GPU) are sampled until ``end``."""
 
     def __init__(self, tracking_uri: str, experiment: str, *, run_name: str, run_id: str | None = None,
-                 parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> None:
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                 system_metrics: bool = False) -> None:
         import mlflow
 
         self._mlflow = mlflow
@@ -58,12 +90,14 @@ class RunLogger:
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         self._client = mlflow.MlflowClient(tracking_uri)
+        resume = run_id is not None
         if run_id is None:
             run = self._client.create_run(experiment_id, run_name=run_name, tags=all_tags)
             run_id = run.info.run_id
         else:
             self._client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
+        self._system_metrics = start_system_metrics(tracking_uri, run_id, resume=resume) if system_metrics else None
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -92,6 +126,10 @@ class RunLogger:
             path = Path(tmp) / name
             path.write_text(json.dumps(redact_values(obj), indent=2))
             self._client.log_artifact(self.run_id, str(path))
+
+    def log_table(self, columns: dict[str, list[Any]], name: str) -> None:
+        """An MLflow table (shown in the run's artifacts and the UI's evaluation view): columns of equal length."""
+        self._client.log_table(self.run_id, data=redact_values(columns), artifact_file=name)
 
     def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._client.log_artifact(self.run_id, str(path), artifact_path)
@@ -139,4 +177,7 @@ class RunLogger:
                                      input_example=example, registered_model_name=registered_model or None)
 
     def end(self, status: str = "FINISHED") -> None:
+        if self._system_metrics is not None:
+            stop_system_metrics(self._system_metrics)
+            self._system_metrics = None
         self._client.set_terminated(self.run_id, status=status)

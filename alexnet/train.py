@@ -120,9 +120,11 @@ def evaluate(
     crops: int = 1,
     bf16: bool = False,
     channels_last: bool = False,
+    on_scores: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
     """Sums of loss, top-1 and top-5 hits over ``batches`` with the centre crop (``crops=1``) or the paper's ten
-    crops (``crops=10``: softmax averaged over four corners, centre and their reflections)."""
+    crops (``crops=10``: softmax averaged over four corners, centre and their reflections). ``on_scores(scores,
+    labels)`` sees each batch's scores (per-class tables: ``alexnet.evaluate.ClassTally``)."""
     from alexnet.augment import predict_ten_crop
 
     model.eval()
@@ -144,6 +146,8 @@ def evaluate(
             else:
                 raise ValueError(f"crops must be 1 or 10, not {crops}")
         c1, c5 = topk_correct(scores, labels)
+        if on_scores is not None:
+            on_scores(scores, labels)
         loss_sum += float(loss)
         top1, top5, seen = top1 + c1, top5 + c5, seen + labels.shape[0]
     return {"loss_sum": loss_sum, "top1": top1, "top5": top5, "seen": seen}
@@ -289,7 +293,7 @@ def setup_worker(loop_config: dict[str, Any]) -> WorkerRun:
     if rank == 0 and loop_config.get("tracking_uri"):
         tracker = RunLogger(loop_config["tracking_uri"], cfg.tracking.experiment, run_name=cfg.train.run_name,
                             run_id=mlflow_run_id, parent_run_id=loop_config.get("parent_run_id"),
-                            tags=loop_config.get("tags"))
+                            tags=loop_config.get("tags"), system_metrics=cfg.tracking.system_metrics)
         mlflow_run_id = tracker.run_id
         training_params = {k: v for k, v in cfg.flat().items() if not k.startswith("transfer.")}
         tracker.log_params(training_params | {"derived.num_classes": num_classes, "derived.world_size": world,
