@@ -80,7 +80,8 @@ def test_results_table_sets_this_run_beside_the_paper():
 def test_cache_keys_cover_inputs_and_upstream_data_but_not_where_stages_run():
     from prefect.cache_policies import CompoundCachePolicy, Inputs
 
-    from flows.alexnet_flow import DatasetVersion, UriListing, evaluate, prepare, stats, train
+    from flows.caching import DatasetVersion, UriListing
+    from flows.tasks import evaluate, prepare, stats, train
 
     for t, extra in ((prepare, UriListing), (stats, DatasetVersion), (train, DatasetVersion),
                      (evaluate, DatasetVersion)):
@@ -97,7 +98,7 @@ def test_cache_keys_cover_inputs_and_upstream_data_but_not_where_stages_run():
 
 
 def test_dataset_version_changes_with_the_manifest(tmp_path):
-    from flows.alexnet_flow import DatasetVersion
+    from flows.caching import DatasetVersion
 
     policy = DatasetVersion(parameter="data_uri")
     missing = policy.compute_key(None, {"data_uri": str(tmp_path)}, {})
@@ -112,12 +113,13 @@ def test_dataset_version_changes_with_the_manifest(tmp_path):
 def test_io_stages_retry_transient_errors_only():
     from prefect.states import Failed
 
-    from flows.alexnet_flow import RayJobError, _worth_retrying
+    from flows.ray_jobs import RayJobError
+    from flows.tasks import worth_retrying
     from pipelines.download import ChecksumError, DownloadError
     from pipelines.prepare import PrepareError
 
     def retried(exc: BaseException) -> bool:
-        return _worth_retrying(None, None, Failed(data=exc))
+        return worth_retrying(None, None, Failed(data=exc))
 
     assert retried(ConnectionError("reset by peer")) and retried(TimeoutError())
     assert retried(DownloadError("busy", status=503)) and not retried(DownloadError("gone", status=404))
@@ -127,25 +129,35 @@ def test_io_stages_retry_transient_errors_only():
 
 
 def test_resolved_config_travels_to_a_ray_job_exactly():
-    """The train job gets the resolved config as --set overrides; parsing them gives the same config back."""
-    from alexnet.config import load_config
-    from flows.alexnet_flow import _config_argv
+    """The train job gets the resolved config as the JSON kwargs of `python -m flows.job` (one base64 token);
+    decoding them gives the same config back."""
+    from alexnet.config import Config, load_config
+    from flows.ray_jobs import decode, encode
 
     cfg = load_config(ROOT / "configs" / "paper.yaml", ["data.data=s3://b/x", "train.step_epochs=[3,5]",
                                                         "tracking.tracking_uri=http://mlflow:5000"])
-    argv = _config_argv(cfg.to_dict())
-    overrides = [argv[i + 1] for i in range(0, len(argv), 2)]
-    assert load_config(None, overrides).to_dict() == cfg.to_dict()
+    token = encode({"config": cfg.to_dict(), "parent_run_id": None, "tags": {"a": "b c"}})
+    assert shlex.split(token) == [token]  # one shell word: nothing to quote on the job's command line
+    kwargs = decode(token)
+    assert Config.from_dict(kwargs["config"]).to_dict() == cfg.to_dict() and kwargs["tags"] == {"a": "b c"}
 
 
-def test_last_json_block_finds_the_cli_result_in_job_logs():
-    from flows.alexnet_flow import last_json_block
+def test_job_result_is_read_back_by_its_marker_not_by_scraping_printed_json(capsys):
+    """`python -m flows.job` prints the function's result last, as one marked line; whatever the function printed
+    (JSON included) is not taken for it. Locally, run_stage calls the function in this process."""
+    from flows.job import main
+    from flows.ray_jobs import encode, job_result, run_stage
 
-    logs = "\n".join(["(pid=1) {not json", "val: top-1 error 0.5", json.dumps({"a": {"b": [1, 2]}}, indent=2),
-                      "(TrainController pid=2) done", json.dumps({"checkpoint": "/x", "n": 3}, indent=2), ""])
-    assert last_json_block(logs) == {"checkpoint": "/x", "n": 3}
-    with pytest.raises(ValueError):
-        last_json_block("no result here")
+    assert main(["json:dumps", encode({"obj": {"checkpoint": "/x", "n": 3}, "indent": 2})]) == 0
+    printed = capsys.readouterr().out
+    logs = "\n".join(["(pid=1) {not json", json.dumps({"a": {"b": [1, 2]}}, indent=2), printed,
+                      "(TrainController pid=2) done", ""])
+    assert json.loads(job_result(logs)) == {"checkpoint": "/x", "n": 3}
+    with pytest.raises(ValueError, match="ALEXNET_RESULT"):
+        job_result("no result here\n" + json.dumps({"checkpoint": "/x"}, indent=2))
+    assert run_stage("json:loads", {"s": "[1, 2]"}, ray_address="local") == [1, 2]
+    with pytest.raises(ValueError, match="module:function"):
+        run_stage("json.loads", {}, ray_address=None)
 
 
 def test_prefect_yaml_declares_one_deployment_per_preset():

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from alexnet.results import format_report
+
 SMOKE_PRESET = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 
 #: The tiny ImageNet of the smoke run: 500 images, 3 of them undecodable on purpose (0.6% < the 1% limit).
@@ -51,7 +53,7 @@ def run_smoke(workdir: str | Path = "runs/smoke", *, overrides: list[str] | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alexnet.smoke", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m flows.smoke", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=os.environ.get("ALEXNET_SMOKE_DIR", "runs/smoke"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -61,8 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # every Prefect API call otherwise
     started = time.perf_counter()
     summary = run_smoke(args.workdir, overrides=args.overrides)
-    from flows.alexnet_flow import format_report
-
     print("\n=== smoke run: details ===")
     print(json.dumps(summary, indent=2, default=str))
     print("\n=== smoke run: summary ===")
