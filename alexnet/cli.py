@@ -141,6 +141,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register(args: argparse.Namespace) -> int:
+    from alexnet.registry import evaluation_of_run, promote_model
+    from alexnet.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    evaluation = evaluation_of_run(uri, args.run_id, crops=args.crops)
+    result = promote_model(uri, args.name, args.run_id, args.alias, evaluation, dict(args.tag))
+    moved = f"@{result['alias']} now points at it" if result["alias"] else f"@{args.alias} stays ({result['alias_reason']})"
+    print(f"{result['name']} version {result['version']}: top-1 error {result['top1_err']:.4f}; {moved}")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def _ablate(args: argparse.Namespace) -> int:
     from alexnet.ablate import run_from_args
 
@@ -328,6 +341,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not log to MLflow (default: log into the checkpoint's training run, MLFLOW_TRACKING_URI "
                    "or sqlite:///mlflow.db)")
     e.set_defaults(handler=_evaluate)
+
+    # register
+    r = commands.add_parser(
+        "register",
+        help="tag a training run's registered model version with its evaluation; move an alias to it if better",
+        description="The flow's register stage (alexnet.registry.promote_model): the version of --name that the "
+        "training run --run-id logged (tracking.log_model, tracking.registered_model) is tagged with the evaluation "
+        "`alexnet evaluate` logged into that run, and --alias moves to it unless the current holder, evaluated on "
+        "the same data, has a lower top-1 error.",
+    )
+    r.add_argument("--run-id", required=True, help="the MLflow training run (`alexnet train` prints it)")
+    r.add_argument("--name", required=True, help="the registered model (tracking.registered_model)")
+    r.add_argument("--alias", default="champion")
+    r.add_argument("--crops", type=int, choices=(1, 10), default=10, help="the evaluation to compare (default 10)")
+    r.add_argument("--tag", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="another tag for the model version (repeatable)")
+    r.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite)")
+    r.set_defaults(handler=_register)
 
     # ablate
     from alexnet.ablate import TRAINED as ABLATIONS

@@ -43,3 +43,18 @@ def promote_model(tracking_uri: str, model_name: str, training_run_id: str, alia
         client.set_registered_model_alias(model_name, alias, version.version)
     return {"name": model_name, "version": version.version, "alias": alias if move else None,
             "alias_reason": reason, "top1_err": err}
+
+
+def evaluation_of_run(tracking_uri: str, training_run_id: str, *, crops: int = 10, split: str = "val") -> dict[str, Any]:
+    """The evaluation ``alexnet evaluate`` logged into a training run (metrics ``eval_<split>_<crops>crop_top1_err``
+    and ``..._top5_err``) with the run's ``data_manifest_sha256`` tag: what :func:`promote_model` compares."""
+    import mlflow
+
+    run = mlflow.MlflowClient(tracking_uri).get_run(training_run_id)
+    prefix = f"eval_{split}_{crops}crop"
+    missing = [k for k in (f"{prefix}_top1_err", f"{prefix}_top5_err") if k not in run.data.metrics]
+    if missing:
+        raise ValueError(f"run {training_run_id} has no {', '.join(missing)}: evaluate its checkpoint first "
+                         f"(`alexnet evaluate --checkpoint ... --data ... --crops {crops}` logs into the training run)")
+    return {"top1_err": run.data.metrics[f"{prefix}_top1_err"], "top5_err": run.data.metrics[f"{prefix}_top5_err"],
+            "crops": crops, "data_manifest_sha256": run.data.tags.get("data_manifest_sha256", "")}
