@@ -218,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from alexnet.config import RANGES, PrepareConfig  # the prepare options' defaults and ranges, defined once
 
     # download
     download = commands.add_parser("download", help="fetch official dataset archives, verifying checksums")
@@ -276,9 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, metavar="OUT", help="folder or s3://bucket/prefix for the shards")
         if name == "imagenet":
             p.add_argument("--layout", choices=("official", "kaggle", "imagefolder"), help="skip auto-detection")
-        p.add_argument("--format", choices=("jpeg", "raw"), default="jpeg", help="stored image encoding (default jpeg)")
-        p.add_argument("--quality", type=_ranged("[1, 100]"), default=90,
-                       help="JPEG quality of stored images (default 90)")
+        p.add_argument("--format", choices=("jpeg", "raw"), default=PrepareConfig.image_format,
+                       help=f"stored image encoding (default {PrepareConfig.image_format})")
+        p.add_argument("--quality", type=_ranged(RANGES["prepare.quality"]), default=PrepareConfig.quality,
+                       help=f"JPEG quality of stored images (default {PrepareConfig.quality})")
         p.add_argument("--size", type=_AT_LEAST_1, default=256,
                        help="shorter side and crop size (default 256, the paper)")
         p.add_argument("--resample", choices=("bilinear", "bicubic", "lanczos", "box"), default="bilinear",
@@ -288,9 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--decoder", choices=("turbo", "pillow"), default="turbo",
                        help="JPEG decoder: libjpeg-turbo 3 via simplejpeg (default; the same pixels, faster) or "
                        "Pillow's; PNG, CMYK and damaged files always go through Pillow")
-        p.add_argument("--shard-rows", type=_AT_LEAST_1, help="images per shard (default: about 96 MB per shard)")
-        p.add_argument("--max-bad-fraction", type=_ranged("[0, 1]", float), default=0.01,
-                       help="fail when more than this fraction of inputs cannot be decoded (default 0.01)")
+        p.add_argument("--shard-rows", type=_AT_LEAST_1, default=PrepareConfig.shard_rows or None,
+                       help="images per shard (default: about 96 MB per shard)")
+        p.add_argument("--max-bad-fraction", type=_ranged(RANGES["prepare.max_bad_fraction"], float),
+                       default=PrepareConfig.max_bad_fraction,
+                       help="fail when more than this fraction of inputs cannot be decoded "
+                       f"(default {PrepareConfig.max_bad_fraction})")
         p.add_argument("--overwrite", action="store_true",
                        help="rebuild OUT: delete the files a previous prepare wrote there first (refused when OUT "
                        "holds other files and no prepared dataset)")

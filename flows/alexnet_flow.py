@@ -68,35 +68,22 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, Field
-
 from alexnet.results import PAPER_VAL_ERRORS, format_report
 from flows.caching import refresh as _needs_refresh
 from flows.caching import sha256
 from flows.lineage import Lineage, StageFailed, StageRunner, ui_hint
-from flows.post_training import POST_TRAINING_STAGES, PipelineState, TransferData
+from flows.post_training import POST_TRAINING_STAGES, PipelineState
 from flows.ray_jobs import job_env as make_job_env
 from flows.ray_jobs import refuse_secrets_in_jobs
-from flows.tasks import download, evaluate, prepare, report, stats, synthesize, train
+from flows.tasks import (TRAINING_SECTIONS, download, evaluate, prepare, prepare_options, report, stats,
+                         synthesize, train)
 from pipelines.redact import redact_handlers, redact_text, redact_uri
 from pipelines.rayutil import cluster_address
 
-__all__ = ["POST_TRAINING_STAGES", "PipelineState", "StageFailed", "SyntheticImageNet", "TransferData",
-           "alexnet_flow", "format_report"]
-
-
-class SyntheticImageNet(BaseModel):
-    """The tiny ImageNet written into ``raw_uri`` when ``synthetic=True`` (``alexnet synth imagenet``)."""
-
-    classes: int = Field(10, ge=3, description="classes (at least 3: the quirky files belong to real wnids)")
-    train_per_class: int = Field(40, ge=1)
-    val_per_class: int = Field(10, ge=1)
-    size: int = Field(320, ge=32, description="typical longer side of an image, pixels")
-    seed: int = 0
-    quirks: bool = True
+__all__ = ["POST_TRAINING_STAGES", "PipelineState", "StageFailed", "alexnet_flow", "format_report"]
 
 
 @flow(name="alexnet", log_prints=True, validate_parameters=True)
@@ -107,15 +94,6 @@ def alexnet_flow(
     data_uri: str = "runs/smoke/prepared",
     source_uri: str | None = None,
     synthetic: bool = False,
-    synthetic_spec: SyntheticImageNet = SyntheticImageNet(),
-    download_verify: bool = True,
-    shard_rows: int | None = None,
-    max_bad_fraction: float = 0.01,
-    image_format: Literal["jpeg", "raw"] = "jpeg",
-    quality: int = 90,
-    crops: list[int] = [1, 10],  # noqa: B006
-    eval_batch_size: int = 128,
-    eval_limit: int | None = None,
     ray_address: str | None = None,
     mlflow_tracking_uri: str | None = None,
     results_dir: str | None = None,
@@ -123,25 +101,21 @@ def alexnet_flow(
     post_training: list[str] = ["register", "transfer"],  # noqa: B006
     model_alias: str = "champion",
     checkpoint: str | None = None,
-    transfer_data: TransferData = TransferData(),
 ) -> dict[str, Any]:
     """AlexNet from the official ILSVRC-2012 files to a paper-comparable results table, resumable and tracked.
 
+    Everything else is the preset's (``alexnet.config``), changed with ``overrides``: the image recipe and
+    shards (``prepare.*``), the synthetic ImageNet (``synthetic.*``), the crops and batching of the evaluation
+    (``evaluate.*``) and the transfer datasets' locations (``transfer_data.*``).
+
     Args:
         preset: training preset (``configs/paper.yaml``, ``configs/smoke.yaml``).
-        overrides: ``section.key=value`` config overrides (``data.data`` is set from ``data_uri``).
+        overrides: ``section.key=value`` config overrides (``data.data`` is set from ``data_uri``), e.g.
+            ``prepare.shard_rows=128``, ``evaluate.crops=[1]``, ``transfer_data.raw_root=/data/transfer-raw``.
         raw_uri: where the official files are (or are downloaded / synthesised to): a folder or ``s3://``.
         data_uri: where the prepared dataset goes (folder or ``s3://``).
         source_uri: download the official files from here into ``raw_uri`` first (https://, s3:// or a folder).
-        synthetic: write a tiny synthetic ImageNet (``synthetic_spec``) into ``raw_uri`` first (smoke runs).
-        download_verify: check the published MD5s of downloaded files.
-        shard_rows: images per Parquet shard (default: about 96 MB per shard).
-        max_bad_fraction: fail ``prepare`` when more than this fraction of the inputs cannot be decoded.
-        image_format: how prepared images are stored: ``jpeg`` or ``raw``.
-        quality: JPEG quality of the stored images.
-        crops: evaluations to run (1: centre crop, 10: the paper's ten crops).
-        eval_batch_size: images per evaluation batch.
-        eval_limit: evaluate only this many validation images (None: the whole split).
+        synthetic: write a tiny synthetic ImageNet (the preset's ``synthetic`` section) into ``raw_uri`` first.
         ray_address: a Ray cluster to submit the heavy stages to as Ray jobs (default ``RAY_ADDRESS``; none or
             ``local``: a local Ray in this process).
         mlflow_tracking_uri: MLflow store (default: the preset's, ``MLFLOW_TRACKING_URI``, ``sqlite:///mlflow.db``).
@@ -151,7 +125,6 @@ def alexnet_flow(
         model_alias: registry alias given to the model when it is the best so far (``tracking.registered_model``).
         checkpoint: transfer from this ImageNet checkpoint (``alexnet train`` checkpoint or torchvision weights)
             instead of training one: the ImageNet stages do not run (the ``alexnet/transfer`` deployment).
-        transfer_data: where the transfer stage finds each dataset's archives and puts its prepared copy.
     """
     from alexnet.config import load_config
     from alexnet.tracking import git_commit, resolve_tracking_uri
@@ -165,14 +138,16 @@ def alexnet_flow(
     if synthetic and source_uri:
         raise ValueError("pass either synthetic=True or source_uri, not both (both write into raw_uri)")
     unknown = sorted(set(post_training) - set(POST_TRAINING_STAGES))
-    if unknown or not set(crops) <= {1, 10} or not crops:
-        raise ValueError(f"post_training must name stages of {sorted(POST_TRAINING_STAGES)} (not {unknown}); "
-                         f"crops must be 1 and/or 10 (not {crops})")
+    if unknown:
+        raise ValueError(f"post_training must name stages of {sorted(POST_TRAINING_STAGES)} (not {unknown})")
     raw_uri, data_uri = storage.absolute(raw_uri), storage.absolute(data_uri)
     ray_address = cluster_address(ray_address)  # "local" (or nothing) is a local instance, as for ray.init
 
     # The config is resolved once, up front: a bad preset or override fails here, before any work.
     cfg = load_config(preset, [*overrides, f"data.data={data_uri}"])
+    crops = cfg.evaluate.crops
+    if not crops or not set(crops) <= {1, 10}:
+        raise ValueError(f"evaluate.crops must be 1 and/or 10 (not {crops})")
     cfg.train.storage_path = storage.absolute(cfg.train.storage_path)
     cfg.tracking.tracking_uri = tracking_uri = resolve_tracking_uri(mlflow_tracking_uri or cfg.tracking.tracking_uri
                                                                     or None)
@@ -213,12 +188,10 @@ def alexnet_flow(
             summary["checkpoint"] = checkpoint
         else:
             if synthetic:
-                _synthesize_stage(stages, task_with, raw_uri, synthetic_spec.model_dump())
+                _synthesize_stage(stages, task_with, raw_uri, config["synthetic"])
             if source_uri:
-                _download_stage(stages, task_with, source_uri, raw_uri, download_verify)
-            dataset = _prepare_stage(stages, task_with, raw_uri, data_uri, where, dict(
-                shard_rows=shard_rows, max_bad_fraction=max_bad_fraction, image_format=image_format,
-                quality=quality))
+                _download_stage(stages, task_with, source_uri, raw_uri, cfg.prepare.verify_downloads)
+            dataset = _prepare_stage(stages, task_with, raw_uri, data_uri, where, prepare_options(config))
             lineage.parent.set_tags({"data_manifest_sha256": dataset["manifest_sha256"]})
             computed, stats_sha = _stats_stage(stages, task_with, data_uri, where)
             lineage.parent.set_tags({"stats_sha256": stats_sha})
@@ -227,8 +200,8 @@ def alexnet_flow(
                 "data_manifest_sha256": dataset["manifest_sha256"], "stats_sha256": stats_sha})
             training_run_id, trained_checkpoint = trained.get("mlflow_run_id"), trained["checkpoint"]
             evaluations = _evaluate_stage(stages, task_with, lineage, trained, data_uri, where, preset=preset,
-                                          crops=crops, batch_size=eval_batch_size, limit=eval_limit,
-                                          gpus=1 if cfg.train.use_gpu else 0)
+                                          crops=crops, batch_size=cfg.evaluate.batch_size,
+                                          limit=cfg.evaluate.limit or None, gpus=1 if cfg.train.use_gpu else 0)
             summary.update(_imagenet_summary(data_uri, dataset, computed, stats_sha, trained, evaluations))
             summary["mlflow"]["run_id"] = training_run_id
 
@@ -307,7 +280,7 @@ def _train_stage(stages: StageRunner, task_with, lineage: Lineage, config: dict[
                  where: dict[str, Any], *, tags: dict[str, str]) -> dict[str, Any]:
     """The training run (made by rank 0 of run_training) is this stage's child run; a cached train stage gets a child
     run of its own that points at the earlier training run."""
-    training_config = {k: v for k, v in config.items() if k != "transfer"}  # transfer settings do not change training
+    training_config = {k: v for k, v in config.items() if k in TRAINING_SECTIONS}  # nothing else changes training
     cached = {}
 
     def run_train():

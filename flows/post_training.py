@@ -7,10 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, Field
-
 from flows.lineage import Lineage, StageRunner
-from flows.tasks import download, prepare, register, synthesize_transfer, transfer
+from flows.tasks import download, prepare, prepare_options, register, synthesize_transfer, transfer
 
 
 def _flow_run_id() -> str:
@@ -51,22 +49,6 @@ def register_stage(state: PipelineState, stages: StageRunner) -> dict[str, Any] 
     return result
 
 
-class TransferData(BaseModel):
-    """Where the transfer stage finds each dataset's official archives and where its prepared copy goes."""
-
-    raw_root: str = Field("runs/smoke/transfer-raw",
-                          description="<raw_root>/<dataset>/ holds the dataset's official archives (folder or s3://)")
-    data_root: str = Field("runs/smoke/transfer", description="<data_root>/<dataset>/ receives the prepared dataset")
-    source_uri: str | None = Field(None, description="download the archives from <source_uri>/<dataset>/ first "
-                                   "(https://, s3:// or a folder), MD5s verified")
-    synthetic: bool | None = Field(None, description="write small synthetic datasets into raw_root first; "
-                                   "default: as the flow's `synthetic`")
-    max_bad_fraction: float = 0.01
-    imagenet_stats: str | None = Field(None, description="prepared ImageNet holding the stats.json the checkpoint was "
-                                       "trained with; default: the one named in the checkpoint's config (the flow's "
-                                       "data_uri for a checkpoint it trained)")
-
-
 def transfer_stage(state: PipelineState, stages: StageRunner) -> dict[str, Any] | None:
     """Post-training stage "transfer": for each dataset of the preset's ``transfer`` section, its data (synthesise or
     download, then prepare: stage ``transfer-<dataset>-data``) and each method (stage ``transfer-<dataset>-<method>``,
@@ -78,34 +60,33 @@ def transfer_stage(state: PipelineState, stages: StageRunner) -> dict[str, Any] 
     if not state.checkpoint:
         return None
     cfg = state.config["transfer"]
-    spec = TransferData.model_validate(state.parameters.get("transfer_data") or {})
-    synthetic = spec.synthetic if spec.synthetic is not None else bool(state.parameters.get("synthetic"))
-    image_format = state.parameters.get("image_format", "jpeg")
-    quality = state.parameters.get("quality", 90)
+    spec = state.config["transfer_data"]  # where the datasets are: the preset's transfer_data section
+    synthetic = (spec["synthetic"] == "true" if spec["synthetic"] != "auto"
+                 else bool(state.parameters.get("synthetic")))
+    options = prepare_options(state.config, max_bad_fraction=spec["max_bad_fraction"]) | {"shard_rows": None}
     results = []
     for dataset in cfg["datasets"]:
-        raw = storage.absolute(storage.join(spec.raw_root, dataset))
-        data = storage.absolute(storage.join(spec.data_root, dataset))
+        raw = storage.absolute(storage.join(spec["raw_root"], dataset))
+        data = storage.absolute(storage.join(spec["data_root"], dataset))
         calls = []
         if synthetic:
             calls.append(lambda raw=raw, dataset=dataset: state.task_with(
                 synthesize_transfer, "synthesize", not storage.exists(storage.join(raw, "synth_info.json")))(
                     dataset, raw, return_state=True))
-        elif spec.source_uri:
+        elif spec["source_uri"]:
             calls.append(lambda raw=raw, dataset=dataset: state.task_with(download, "download")(
-                storage.join(spec.source_uri, dataset), raw, verify=state.parameters.get("download_verify", True),
+                storage.join(spec["source_uri"], dataset), raw, verify=state.config["prepare"]["verify_downloads"],
                 dataset=dataset, return_state=True))
         calls.append(lambda raw=raw, data=data, dataset=dataset: state.task_with(
             prepare, "prepare", not storage.exists(storage.join(data, "manifest.json")))(
-                raw, data, shard_rows=None, max_bad_fraction=spec.max_bad_fraction, image_format=image_format,
-                quality=quality, ray_address=state.ray_address, job_env=state.job_env, dataset=dataset,
+                raw, data, **options, ray_address=state.ray_address, job_env=state.job_env, dataset=dataset,
                 return_state=True))
         stages.run(f"transfer-{dataset}-data", *calls, log=lambda run, r: run.log_dict(r[-1], "dataset.json"))
         for method in cfg["methods"]:
             def run(data=data, dataset=dataset, method=method):
                 return state.task_with(transfer, "transfer")(
                     dataset, method, data, state.checkpoint, config=cfg,
-                    imagenet_stats=spec.imagenet_stats,
+                    imagenet_stats=spec["imagenet_stats"] or None,
                     tracking_uri=state.lineage.tracking_uri, experiment=state.lineage.experiment,
                     parent_run_id=state.lineage.run_id, tags={"prefect.flow_run_id": _flow_run_id()},
                     ray_address=state.ray_address, job_env=state.job_env, return_state=True)

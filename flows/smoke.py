@@ -24,8 +24,8 @@ from alexnet.results import format_report
 
 SMOKE_PRESET = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 
-#: The tiny ImageNet of the smoke run: 500 images, 3 of them undecodable on purpose (0.6% < the 1% limit).
-SMOKE_DATA = dict(classes=10, train_per_class=40, val_per_class=10, size=320, seed=0)
+#: The tiny ImageNet of the smoke run: the preset's ``synthetic`` section (defaults: 10 classes, 40 + 10 images
+#: each, 500 images, 3 of them undecodable on purpose: 0.6% < the 1% limit).
 
 #: The registry name of smoke models (the paper preset registers ``alexnet``).
 SMOKE_MODEL = "alexnet-smoke"
@@ -41,14 +41,13 @@ def run_smoke(workdir: str | Path = "runs/smoke", *, overrides: list[str] | None
     return alexnet_flow(
         preset=str(SMOKE_PRESET),
         overrides=[f"train.storage_path={workdir / 'ray'}", f"tracking.registered_model={SMOKE_MODEL}",
-                   f"transfer.storage_path={workdir / 'transfer-ray'}", *(overrides or [])],
+                   f"transfer.storage_path={workdir / 'transfer-ray'}", "prepare.shard_rows=128",
+                   f"transfer_data.raw_root={workdir / 'transfer-raw'}", f"transfer_data.data_root={workdir / 'transfer'}",
+                   *(overrides or [])],
         raw_uri=str(workdir / "imagenet-official"),
         data_uri=str(workdir / "prepared"),
         synthetic=True,
-        synthetic_spec=SMOKE_DATA,
-        shard_rows=128,
         results_dir=str(workdir / "prefect-results"),
-        transfer_data={"raw_root": str(workdir / "transfer-raw"), "data_root": str(workdir / "transfer")},
     )
 
 

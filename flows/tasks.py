@@ -14,6 +14,18 @@ from flows.caching import EVALUATE_CACHE, PREPARE_CACHE, STATS_CACHE, TRAIN_CACH
 from flows.ray_jobs import RayJobError, run_stage
 
 
+#: The config sections a training run depends on (the train stage's cache key and the training run's config).
+TRAINING_SECTIONS = ("data", "model", "train", "tracking")
+
+
+def prepare_options(config: dict[str, Any], *, max_bad_fraction: float | None = None) -> dict[str, Any]:
+    """The prepare task's options from the resolved config's ``prepare`` section."""
+    section = config["prepare"]
+    return {"shard_rows": section["shard_rows"] or None, "image_format": section["image_format"],
+            "quality": section["quality"],
+            "max_bad_fraction": section["max_bad_fraction"] if max_bad_fraction is None else max_bad_fraction}
+
+
 def worth_retrying(task, task_run, state) -> bool:
     """Retry I/O stages on transient errors only: not on bad input, checksum mismatches or a deterministic failure."""
     from pipelines.download import ChecksumError, DownloadError

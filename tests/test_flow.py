@@ -29,11 +29,12 @@ from tests.conftest import (BIN, free_ports, isolated_env, mlflow_children, run_
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: A very small synthetic ImageNet (4 classes; 3 of its 64 files are undecodable on purpose, hence the 0.1 limit).
-TINY = {"classes": 4, "train_per_class": 12, "val_per_class": 4, "size": 200}
+#: A very small synthetic ImageNet (4 classes; 3 of its 64 files are undecodable on purpose, hence the 0.1 limit),
+#: as preset overrides (the synthetic and prepare sections).
+TINY = ["synthetic.classes=4", "synthetic.train_per_class=12", "synthetic.val_per_class=4", "synthetic.size=200",
+        "prepare.max_bad_fraction=0.1", "prepare.shard_rows=16"]
 #: The transfer stage runs in one flow test only (flow_runs' rerun): it adds minutes to every flow run.
-TINY_PARAMS = {"synthetic": True, "synthetic_spec": TINY, "max_bad_fraction": 0.1, "shard_rows": 16,
-               "post_training": ["register"]}
+TINY_PARAMS = {"synthetic": True, "post_training": ["register"]}
 #: The transfer stage on one synthetic dataset, probe only, one C.
 TRANSFER_SHORT = ["transfer.datasets=[\"voc2007\"]", "transfer.methods=[\"probe\"]", "transfer.c_grid=[1.0]"]
 #: One short epoch.
@@ -59,9 +60,35 @@ def test_flow_parameters_are_typed():
     props = schema["properties"]
     assert props["preset"]["default"] == "configs/smoke.yaml" and props["overrides"]["type"] == "array"
     for name in ("raw_uri", "data_uri", "source_uri", "synthetic", "ray_address", "mlflow_tracking_uri",
-                 "max_bad_fraction", "results_dir", "refresh", "post_training"):
+                 "results_dir", "refresh", "post_training", "checkpoint"):
         assert name in props, name
     assert alexnet_flow.name == "alexnet"
+    assert len(props) <= 13, sorted(props)  # the rest is the preset's: prepare, synthetic, evaluate, transfer_data
+
+
+def test_what_were_flow_parameters_are_preset_sections_with_one_default_each():
+    """max_bad_fraction, shard_rows, the image recipe, the synthetic ImageNet, the crops and the transfer data's
+    locations are preset keys (overrides); `alexnet prepare`'s defaults are the same dataclass defaults; unknown keys
+    and out-of-range values are errors naming the key."""
+    from alexnet.cli import build_parser
+    from alexnet.config import PrepareConfig, load_config
+    from flows import alexnet_flow
+
+    props = alexnet_flow.parameters.model_dump()["properties"]
+    assert not {"max_bad_fraction", "shard_rows", "image_format", "quality", "synthetic_spec", "crops",
+                "eval_batch_size", "eval_limit", "download_verify", "transfer_data"} & set(props)
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", TINY + ["evaluate.crops=[1]", "transfer_data.raw_root=/t"])
+    assert (cfg.prepare.max_bad_fraction, cfg.prepare.shard_rows, cfg.synthetic.classes) == (0.1, 16, 4)
+    assert cfg.evaluate.crops == [1] and cfg.transfer_data.raw_root == "/t" and cfg.synthetic.quirks is True
+    args = build_parser().parse_args(["prepare", "imagenet", "--source", "s", "--out", "o"])
+    assert (args.format, args.quality, args.max_bad_fraction, args.shard_rows) == (
+        PrepareConfig.image_format, PrepareConfig.quality, PrepareConfig.max_bad_fraction, None)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['shardrows'\] in section 'prepare'"):
+        load_config(None, ["prepare.shardrows=3"])
+    with pytest.raises(ValueError, match=r"synthetic.classes must be in \[3, inf\)"):
+        load_config(None, ["synthetic.classes=2"])
+    with pytest.raises(ValueError, match=r"transfer_data.max_bad_fraction must be in \[0, 1\]"):
+        load_config(None, ["transfer_data.max_bad_fraction=2"])
 
 
 def test_results_table_sets_this_run_beside_the_paper():
@@ -179,7 +206,8 @@ def test_prefect_yaml_declares_one_deployment_per_preset():
         assert set(d["parameters"]) <= set(properties), set(d["parameters"]) - set(properties)
     from alexnet.config import load_config
 
-    load_config(ROOT / "configs" / "smoke.yaml", deployments["smoke"]["parameters"]["overrides"])  # valid overrides
+    for d in deployments.values():  # valid overrides
+        load_config(ROOT / d["parameters"]["preset"], d["parameters"]["overrides"])
     from flows.ablations import ablations_flow
 
     assert ablations["entrypoint"] == "flows/ablations.py:ablations_flow" and ablations_flow.name == "alexnet"
@@ -217,21 +245,19 @@ def flow_runs(ray_local, prefect_api, tmp_path_factory):
     common = dict(raw_uri=str(tmp / "raw"), data_uri=str(tmp / "prepared"),
                   mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", results_dir=str(tmp / "results"),
                   **TINY_PARAMS)
-    base = [*SHORT, f"train.storage_path={tmp / 'ray'}", "train.run_name=flow-test"]
-    transfer_data = {"raw_root": str(tmp / "transfer-raw"), "data_root": str(tmp / "transfer")}
+    base = [*TINY, *SHORT, f"train.storage_path={tmp / 'ray'}", "train.run_name=flow-test"]
+    transfer_data = [f"transfer_data.raw_root={tmp / 'transfer-raw'}", f"transfer_data.data_root={tmp / 'transfer'}"]
     started = time.perf_counter()
     failed = alexnet_flow(overrides=[*base, "train.batch_size=3"], return_state=True, **common)
     failed_s = time.perf_counter() - started
     started = time.perf_counter()
-    rerun = alexnet_flow(overrides=[*base, "tracking.registered_model=alexnet-test", *TRANSFER_SHORT],
-                         return_state=True, **{**common, "post_training": ["register", "transfer"]},
-                         transfer_data=transfer_data)
+    rerun = alexnet_flow(overrides=[*base, "tracking.registered_model=alexnet-test", *TRANSFER_SHORT, *transfer_data],
+                         return_state=True, **{**common, "post_training": ["register", "transfer"]})
     rerun_s = time.perf_counter() - started
     # the alexnet/transfer deployment's shape: transfer only, from the checkpoint the rerun trained
     checkpoint = rerun.result()["train"]["checkpoint"] if rerun.is_completed() else None
-    transfer_only = alexnet_flow(overrides=[*base, *TRANSFER_SHORT], return_state=True,
-                                 **{**common, "post_training": ["transfer"]}, checkpoint=checkpoint,
-                                 transfer_data=transfer_data) if checkpoint else None
+    transfer_only = alexnet_flow(overrides=[*base, *TRANSFER_SHORT, *transfer_data], return_state=True,
+                                 **{**common, "post_training": ["transfer"]}, checkpoint=checkpoint) if checkpoint else None
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[rerun.state_details.flow_run_id])))
@@ -528,9 +554,11 @@ def test_flow_with_s3_storage(synth_root, s3_endpoint, ray_local, prefect_api, t
     data_uri, storage_path = f"s3://{bucket}/imagenet-256", f"s3://{bucket}/alexnet-runs"
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     started = time.perf_counter()
-    state = alexnet_flow(raw_uri=raw_uri, data_uri=data_uri, crops=[1], mlflow_tracking_uri=tracking_uri,
-                         results_dir=str(tmp_path / "results"), max_bad_fraction=0.1, shard_rows=16, post_training=[],
-                         overrides=[*SHORT, f"train.storage_path={storage_path}", "train.run_name=s3-flow",
+    state = alexnet_flow(raw_uri=raw_uri, data_uri=data_uri, mlflow_tracking_uri=tracking_uri,
+                         results_dir=str(tmp_path / "results"), post_training=[],
+                         overrides=[*SHORT, "evaluate.crops=[1]", "prepare.max_bad_fraction=0.1",
+                                    "prepare.shard_rows=16", f"train.storage_path={storage_path}",
+                                    "train.run_name=s3-flow",
                                     "train.num_workers=1",  # DDP is tested elsewhere; one worker starts sooner
                                     "tracking.log_model=false"],
                          return_state=True)
@@ -630,9 +658,9 @@ def test_smoke_deployment_runs_on_a_prefect_server_and_worker(tmp_path):
         worker = start_process(shlex.split(worker_cmd), {**client_env, "MLFLOW_TRACKING_URI": tracking_uri},
                         tmp_path / "worker.log")
         params = {"raw_uri": str(tmp_path / "raw"), "data_uri": str(tmp_path / "prepared"),
-                  "results_dir": str(tmp_path / "results"), "crops": [1], **TINY_PARAMS,
+                  "results_dir": str(tmp_path / "results"), **TINY_PARAMS,
                   "overrides": ["tracking.registered_model=alexnet-smoke", f"train.storage_path={tmp_path / 'ray'}",
-                                *SHORT]}
+                                "evaluate.crops=[1]", *TINY, *SHORT]}
         cmd = [*shlex.split(smoke_cmd), "--watch-timeout", "480"]
         for k, v in params.items():
             cmd += ["--param", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
@@ -701,9 +729,9 @@ def test_heavy_stages_run_as_ray_jobs_on_a_token_authenticated_head(token_head, 
     assert str(BIN) not in token_head["env"]["PATH"].split(":")  # the head's jobs get no venv from PATH
 
     params = {"raw_uri": str(tmp_path / "raw"), "data_uri": str(tmp_path / "prepared"),
-              "results_dir": str(tmp_path / "results"), "ray_address": address, "crops": [1, 10],
+              "results_dir": str(tmp_path / "results"), "ray_address": address,
               "mlflow_tracking_uri": tracking_uri, **TINY_PARAMS,
-              "overrides": [f"train.storage_path={tmp_path / 'ray'}", *SHORT]}
+              "overrides": [f"train.storage_path={tmp_path / 'ray'}", "evaluate.crops=[1, 10]", *TINY, *SHORT]}
     started = time.perf_counter()
     ran = run_checked([sys.executable, "-c", _FLOW_SCRIPT, json.dumps(params), str(tmp_path / "summary.json")], env,
                       480)
