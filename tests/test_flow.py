@@ -100,7 +100,7 @@ def test_results_table_sets_this_run_beside_the_paper():
     assert table["top5_err_pct"][-1] == 18.2
 
 
-def test_cache_keys_cover_inputs_and_upstream_data_but_not_where_stagesrun_checked():
+def test_cache_keys_cover_inputs_and_upstream_data_but_not_where_stages_run():
     from prefect.cache_policies import CompoundCachePolicy, Inputs
 
     from flows.caching import DatasetVersion, UriListing
@@ -323,7 +323,7 @@ def test_mlflow_holds_the_parent_run_a_child_per_stage_and_the_results_table(flo
 
     summary = flow_runs["rerun"].result()
     client = mlflow.MlflowClient(flow_runs["tracking_uri"])
-    parent = client.getrun_checked(summary["mlflow"]["parent_run_id"])
+    parent = client.get_run(summary["mlflow"]["parent_run_id"])
     assert parent.info.status == "FINISHED"
     tags = parent.data.tags
     assert tags["prefect.flow_run_id"] == str(flow_runs["rerun"].state_details.flow_run_id)
@@ -424,7 +424,7 @@ def test_mlflow_ui_shows_the_flow_runs_in_headless_chromium(flow_runs, tmp_path,
     assert summary["mlflow"]["ui"].startswith(f"MLFLOW_TRACKING_URI={tracking_uri} make mlflow-ui")
     client = mlflow.MlflowClient(tracking_uri)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    parent = client.getrun_checked(summary["mlflow"]["parent_run_id"])
+    parent = client.get_run(summary["mlflow"]["parent_run_id"])
     children = sorted(r.info.run_name for r in client.search_runs(
         [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"))
     assert len(children) >= 6, children  # synthesize, prepare, stats, the training run, evaluate, register
@@ -584,7 +584,7 @@ def test_flow_with_s3_storage(synth_root, s3_endpoint, ray_local, prefect_api, t
     top1 = summary["val_error"]["1 crop"]["top1"]
     assert 0 <= summary["val_error"]["1 crop"]["top5"] <= top1 <= 1
 
-    parent = mlflow.MlflowClient(tracking_uri).getrun_checked(summary["mlflow"]["parent_run_id"])
+    parent = mlflow.MlflowClient(tracking_uri).get_run(summary["mlflow"]["parent_run_id"])
     assert parent.data.params["flow.data_uri"] == data_uri and parent.data.params["flow.raw_uri"] == raw_uri
     assert parent.data.metrics["val_top1_err_1crop"] == pytest.approx(top1, abs=1e-4)
 
