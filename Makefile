@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/install_pillow_simd.sh
 setup: $(STAMP)  ## create .venv with the pinned stack and pillow-simd (falls back to Pillow with a warning)
 
 smoke: $(STAMP)  ## the main job on embedded defaults: synthetic ImageNet -> prepare -> stats -> train -> evaluate
-	$(BIN)/python -m alexnet.smoke
+	$(BIN)/python -m flows.smoke
 
 test: $(STAMP)  ## the whole test suite (CPU only)
 	$(BIN)/python -m pytest -q

@@ -190,6 +190,19 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register(args: argparse.Namespace) -> int:
+    from alexnet.registry import evaluation_of_run, promote_model
+    from alexnet.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    evaluation = evaluation_of_run(uri, args.run_id, crops=args.crops)
+    result = promote_model(uri, args.name, args.run_id, args.alias, evaluation, dict(args.tag))
+    moved = f"@{result['alias']} now points at it" if result["alias"] else f"@{args.alias} stays ({result['alias_reason']})"
+    print(f"{result['name']} version {result['version']}: top-1 error {result['top1_err']:.4f}; {moved}")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def _ablate(args: argparse.Namespace) -> int:
     from alexnet.ablate import run_ablations
     from alexnet.results import markdown
@@ -289,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from alexnet.config import RANGES, PrepareConfig  # the prepare options' defaults and ranges, defined once
 
     # download
     download = commands.add_parser("download", help="fetch official dataset archives, verifying checksums")
@@ -347,9 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, metavar="OUT", help="folder or s3://bucket/prefix for the shards")
         if name == "imagenet":
             p.add_argument("--layout", choices=("official", "kaggle", "imagefolder"), help="skip auto-detection")
-        p.add_argument("--format", choices=("jpeg", "raw"), default="jpeg", help="stored image encoding (default jpeg)")
-        p.add_argument("--quality", type=_ranged("[1, 100]"), default=90,
-                       help="JPEG quality of stored images (default 90)")
+        p.add_argument("--format", choices=("jpeg", "raw"), default=PrepareConfig.image_format,
+                       help=f"stored image encoding (default {PrepareConfig.image_format})")
+        p.add_argument("--quality", type=_ranged(RANGES["prepare.quality"]), default=PrepareConfig.quality,
+                       help=f"JPEG quality of stored images (default {PrepareConfig.quality})")
         p.add_argument("--size", type=_AT_LEAST_1, default=256,
                        help="shorter side and crop size (default 256, the paper)")
         p.add_argument("--resample", choices=("bilinear", "bicubic", "lanczos", "box"), default="bilinear",
@@ -359,9 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--decoder", choices=("turbo", "pillow"), default="turbo",
                        help="JPEG decoder: libjpeg-turbo 3 via simplejpeg (default; the same pixels, faster) or "
                        "Pillow's; PNG, CMYK and damaged files always go through Pillow")
-        p.add_argument("--shard-rows", type=_AT_LEAST_1, help="images per shard (default: about 96 MB per shard)")
-        p.add_argument("--max-bad-fraction", type=_ranged("[0, 1]", float), default=0.01,
-                       help="fail when more than this fraction of inputs cannot be decoded (default 0.01)")
+        p.add_argument("--shard-rows", type=_AT_LEAST_1, default=PrepareConfig.shard_rows or None,
+                       help="images per shard (default: about 96 MB per shard)")
+        p.add_argument("--max-bad-fraction", type=_ranged(RANGES["prepare.max_bad_fraction"], float),
+                       default=PrepareConfig.max_bad_fraction,
+                       help="fail when more than this fraction of inputs cannot be decoded "
+                       f"(default {PrepareConfig.max_bad_fraction})")
         p.add_argument("--overwrite", action="store_true",
                        help="rebuild OUT: delete the files a previous prepare wrote there first (refused when OUT "
                        "holds other files and no prepared dataset)")
@@ -436,6 +454,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tracking-uri", help="MLflow store of models:/ URIs (default: MLFLOW_TRACKING_URI, else "
                     "sqlite:///mlflow.db)")
     pr.set_defaults(handler=_predict)
+
+    # register
+    r = commands.add_parser(
+        "register",
+        help="tag a training run's registered model version with its evaluation; move an alias to it if better",
+        description="The flow's register stage (alexnet.registry.promote_model): the version of --name that the "
+        "training run --run-id logged (tracking.log_model, tracking.registered_model) is tagged with the evaluation "
+        "`alexnet evaluate` logged into that run, and --alias moves to it unless the current holder, evaluated on "
+        "the same data, has a lower top-1 error.",
+    )
+    r.add_argument("--run-id", required=True, help="the MLflow training run (`alexnet train` prints it)")
+    r.add_argument("--name", required=True, help="the registered model (tracking.registered_model)")
+    r.add_argument("--alias", default="champion")
+    r.add_argument("--crops", type=int, choices=(1, 10), default=10, help="the evaluation to compare (default 10)")
+    r.add_argument("--tag", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="another tag for the model version (repeatable)")
+    r.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite)")
+    r.set_defaults(handler=_register)
 
     # ablate
     from alexnet.ablate import TRAINED as ABLATIONS

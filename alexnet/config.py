@@ -24,7 +24,7 @@ class _Ranged:
     """A config section whose numeric fields are checked against :data:`RANGES` when it is made."""
 
     def __post_init__(self) -> None:
-        section = type(self).__name__.removesuffix("Config").lower()  # TrainConfig -> train
+        section = getattr(self, "SECTION", "") or type(self).__name__.removesuffix("Config").lower()  # TrainConfig -> train
         for key, spec in RANGES.items():
             if key.startswith(f"{section}."):
                 value = getattr(self, key.split(".", 1)[1])
@@ -156,6 +156,55 @@ class TransferConfig(_Ranged):
     storage_path: str = "runs/transfer"  #: Ray Train storage for fine-tuning checkpoints (folder or s3://)
 
 
+@dataclass
+class PrepareConfig(_Ranged):
+    """How ``prepare`` stores and shards a dataset (``pipelines.imaging.ImageRecipe``, ``prepare_dataset``): the
+    flow's prepare stages and the defaults of ``alexnet prepare``."""
+
+    image_format: Literal["jpeg", "raw"] = "jpeg"  #: stored image encoding: JPEG bytes or raw HWC uint8 RGB
+    quality: int = 90  #: JPEG quality of the stored 256x256 images
+    shard_rows: int = 0  #: images per Parquet shard; 0 = about 96 MB per shard
+    max_bad_fraction: float = 0.01  #: fail when more than this fraction of the inputs cannot be decoded
+    verify_downloads: bool = True  #: check the published MD5s of downloaded files (the flow's download stages)
+
+
+@dataclass
+class SyntheticConfig(_Ranged):
+    """The tiny ImageNet the flow writes into ``raw_uri`` with ``synthetic=True`` (``alexnet synth imagenet``)."""
+
+    classes: int = 10  #: at least 3: the quirky files belong to real wnids
+    train_per_class: int = 40
+    val_per_class: int = 10
+    size: int = 320  #: typical longer side of an image, pixels
+    seed: int = 0
+    quirks: bool = True  #: the real archive's quirks (CMYK, PNG-in-JPEG, undecodable files)
+
+
+@dataclass
+class TransferDataConfig(_Ranged):
+    """Where the flow's transfer stage finds each dataset's official archives and puts its prepared copy."""
+
+    SECTION = "transfer_data"
+
+    raw_root: str = "runs/smoke/transfer-raw"  #: <raw_root>/<dataset>/ holds the official archives (folder or s3://)
+    data_root: str = "runs/smoke/transfer"  #: <data_root>/<dataset>/ receives the prepared dataset
+    source_uri: str = ""  #: download the archives from <source_uri>/<dataset>/ first (https://, s3://, a folder)
+    #: write small synthetic datasets into raw_root first; auto: when the flow's `synthetic` is true
+    synthetic: Literal["auto", "true", "false"] = "auto"
+    max_bad_fraction: float = 0.01
+    #: prepared ImageNet with the stats.json the checkpoint was trained with; "" = the one in the checkpoint's config
+    imagenet_stats: str = ""
+
+
+@dataclass
+class EvaluateConfig(_Ranged):
+    """The flow's evaluate stage: the crops (1: centre crop, 10: the paper's ten) and batching."""
+
+    crops: list[int] = field(default_factory=lambda: [1, 10])
+    batch_size: int = 128
+    limit: int = 0  #: evaluate only this many validation images; 0 = the whole split
+
+
 #: The allowed values of every numeric field, in interval notation (``pipelines.ranges``); a list's range applies to
 #: each element. Adding a numeric field means adding its line here (``tests/test_config.py`` checks every one has).
 RANGES: dict[str, str] = {
@@ -204,6 +253,18 @@ RANGES: dict[str, str] = {
     "transfer.num_workers": "[1, inf)",
     "transfer.cpus_per_worker": "(0, inf)",
     "transfer.seed": "[0, inf)",
+    "prepare.quality": "[1, 100]",
+    "prepare.shard_rows": "[0, inf)",  # 0: about 96 MB per shard
+    "prepare.max_bad_fraction": "[0, 1]",
+    "synthetic.classes": "[3, inf)",
+    "synthetic.train_per_class": "[1, inf)",
+    "synthetic.val_per_class": "[1, inf)",
+    "synthetic.size": "[32, inf)",
+    "synthetic.seed": "[0, inf)",
+    "transfer_data.max_bad_fraction": "[0, 1]",
+    "evaluate.crops": "[1, 10]",  # 1 or 10 (the flow checks which)
+    "evaluate.batch_size": "[1, inf)",
+    "evaluate.limit": "[0, inf)",  # 0: all
 }
 
 
@@ -214,6 +275,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    transfer_data: TransferDataConfig = field(default_factory=TransferDataConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
     def to_dict(self) -> dict[str, Any]:

@@ -59,3 +59,34 @@ def csv_text(table: dict[str, list]) -> str:
     writer.writerow(table)
     writer.writerows(zip(*table.values()))
     return buf.getvalue()
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    """The short, human summary of a flow run (the summary dict the ``alexnet`` flow returns)."""
+    lines = [f"alexnet flow run {summary['prefect'].get('flow_run_name')} ({summary['prefect'].get('flow_run_id')})"]
+    for name, s in summary["stages"].items():
+        lines.append(f"  {name:<29} {s['state']:<9} {s['seconds']:8.1f} s")
+    if "splits" in summary:  # the ImageNet stages ran (not a transfer-only run from a given checkpoint)
+        splits = ", ".join(f"{k} {v['rows']} rows ({v['rejected']} rejected)" for k, v in summary["splits"].items())
+        lines.append(f"data: {summary['data']}: {splits}")
+        lines.append(f"train: {summary['train'].get('epochs')} epochs, checkpoint {summary['train'].get('checkpoint')}")
+        for name, err in summary.get("val_error", {}).items():
+            lines.append(f"val error, {name}: top-1 {100 * err['top1']:.1f}%, top-5 {100 * err['top5']:.1f}%")
+        paper = summary["paper_val_error"]["10 crops"]
+        lines.append(f"paper, 1 CNN, 10 crops (ImageNet): top-1 {100 * paper['top1']:.1f}%, "
+                     f"top-5 {100 * paper['top5']:.1f}%; chance here: {100 * summary['chance_top1_error']:.1f}%")
+    else:
+        lines.append(f"checkpoint: {summary.get('checkpoint')}")
+    table = summary.get("transfer")
+    for i in range(len((table or {}).get("dataset", []))):
+        lines.append(f"transfer {table['dataset'][i]:<10} {table['method'][i]:<8} {table['layer'][i]:<16} "
+                     f"{table['metric'][i]} {table['this_run_pct'][i]:.1f}% (+-{table['std_pct'][i]:.1f}; "
+                     f"literature {table['literature_pct'][i]:.1f}%, chance {table['chance_pct'][i]:.1f}%)")
+    if summary.get("registered_model"):
+        m = summary["registered_model"]
+        lines.append(f"model: {m['name']} version {m['version']}" + (f" (@{m['alias']})" if m.get("alias") else ""))
+    ml = summary["mlflow"]
+    lines.append(f"MLflow: parent run {ml['parent_run_id']}, training run {ml['run_id'] or '-'} in experiment "
+                 f"{ml['experiment']!r} at {ml['tracking_uri']}")
+    lines.append(f"open the UI: {ml['ui']}")
+    return "\n".join(lines)

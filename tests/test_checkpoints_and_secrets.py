@@ -217,14 +217,14 @@ SECRETS = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEYID0001", "AWS_SECRET_ACCESS_KEY":
 def test_ray_workers_get_s3_endpoints_but_never_credentials(monkeypatch):
     import pickle
 
-    from flows.alexnet_flow import _job_env
+    from flows.ray_jobs import job_env
     from pipelines import storage
 
     for k, v in {**SECRETS, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_REGION": "eu-west-1"}.items():
         monkeypatch.setenv(k, v)
     env = storage.worker_env()["env_vars"]
     assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and env["AWS_REGION"] == "eu-west-1"
-    job = _job_env("sqlite:///x.db")  # a Ray job's runtime_env, from the flow
+    job = job_env("sqlite:///x.db")  # a Ray job's runtime_env, from the flow
     fs, _ = storage.filesystem("s3://bucket/data")  # pickled into Ray Data and Ray Train task arguments
     shipped = json.dumps(env) + json.dumps(job) + pickle.dumps(fs).decode("latin-1")
     assert not [name for name, secret in SECRETS.items() if secret in shipped or name in env]
@@ -311,14 +311,14 @@ def test_the_cli_and_its_logs_show_no_credentials_of_a_source_uri(tmp_path, capf
 
 
 def test_a_ray_job_never_carries_credentials_on_its_command_line_or_in_its_env():
-    from flows.alexnet_flow import _config_argv, refuse_secrets_in_jobs, run_ray_job
+    from flows.ray_jobs import refuse_secrets_in_jobs, run_ray_job, run_stage
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [
         "tracking.tracking_uri=postgresql://mlflow:pg-PASSWORD@db/mlflow", "data.data=s3://b/imagenet-256"])
-    argv = ["-m", "alexnet.train", *_config_argv(cfg.to_dict())]  # what the flow's train stage submits
-    # refused before the cluster is contacted (nothing listens on port 9)
+    # what the flow's train stage submits; refused before the cluster is contacted (nothing listens on port 9)
     with pytest.raises(ValueError, match="refusing to send credentials to Ray jobs.*PGPASSWORD") as e:
-        run_ray_job("http://127.0.0.1:9", "train", argv, env={})
+        run_stage("flows.stages:train", {"config": cfg.to_dict(), "parent_run_id": None, "tags": {}},
+                  ray_address="http://127.0.0.1:9", env={})
     assert "postgresql://mlflow:***@db/mlflow" in str(e.value) and "pg-PASSWORD" not in str(e.value)
     with pytest.raises(ValueError, match="env MLFLOW_TRACKING_URI"):
         run_ray_job("http://127.0.0.1:9", "train", ["-m", "alexnet.cli", "stats", "--data", "s3://b/x"],

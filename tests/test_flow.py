@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shlex
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import urllib.error
@@ -28,16 +24,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_ports
+from tests.conftest import (BIN, free_ports, isolated_env, mlflow_children, run_checked, start_process,
+                            stop_process, wait_http)
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
-#: A very small synthetic ImageNet (4 classes; 3 of its 64 files are undecodable on purpose, hence the 0.1 limit).
-TINY = {"classes": 4, "train_per_class": 12, "val_per_class": 4, "size": 200}
+#: A very small synthetic ImageNet (4 classes; 3 of its 64 files are undecodable on purpose, hence the 0.1 limit),
+#: as preset overrides (the synthetic and prepare sections).
+TINY = ["synthetic.classes=4", "synthetic.train_per_class=12", "synthetic.val_per_class=4", "synthetic.size=200",
+        "prepare.max_bad_fraction=0.1", "prepare.shard_rows=16"]
 #: The transfer stage runs in one flow test only (flow_runs' rerun): it adds minutes to every flow run.
-TINY_PARAMS = {"synthetic": True, "synthetic_spec": TINY, "max_bad_fraction": 0.1, "shard_rows": 16,
-               "post_training": ["register"]}
+TINY_PARAMS = {"synthetic": True, "post_training": ["register"]}
 #: The transfer stage on one synthetic dataset, probe only, one C.
 TRANSFER_SHORT = ["transfer.datasets=[\"voc2007\"]", "transfer.methods=[\"probe\"]", "transfer.c_grid=[1.0]"]
 #: One short epoch.
@@ -63,9 +60,35 @@ def test_flow_parameters_are_typed():
     props = schema["properties"]
     assert props["preset"]["default"] == "configs/smoke.yaml" and props["overrides"]["type"] == "array"
     for name in ("raw_uri", "data_uri", "source_uri", "synthetic", "ray_address", "mlflow_tracking_uri",
-                 "max_bad_fraction", "results_dir", "refresh", "post_training"):
+                 "results_dir", "refresh", "post_training", "checkpoint"):
         assert name in props, name
     assert alexnet_flow.name == "alexnet"
+    assert len(props) <= 13, sorted(props)  # the rest is the preset's: prepare, synthetic, evaluate, transfer_data
+
+
+def test_what_were_flow_parameters_are_preset_sections_with_one_default_each():
+    """max_bad_fraction, shard_rows, the image recipe, the synthetic ImageNet, the crops and the transfer data's
+    locations are preset keys (overrides); `alexnet prepare`'s defaults are the same dataclass defaults; unknown keys
+    and out-of-range values are errors naming the key."""
+    from alexnet.cli import build_parser
+    from alexnet.config import PrepareConfig, load_config
+    from flows import alexnet_flow
+
+    props = alexnet_flow.parameters.model_dump()["properties"]
+    assert not {"max_bad_fraction", "shard_rows", "image_format", "quality", "synthetic_spec", "crops",
+                "eval_batch_size", "eval_limit", "download_verify", "transfer_data"} & set(props)
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", TINY + ["evaluate.crops=[1]", "transfer_data.raw_root=/t"])
+    assert (cfg.prepare.max_bad_fraction, cfg.prepare.shard_rows, cfg.synthetic.classes) == (0.1, 16, 4)
+    assert cfg.evaluate.crops == [1] and cfg.transfer_data.raw_root == "/t" and cfg.synthetic.quirks is True
+    args = build_parser().parse_args(["prepare", "imagenet", "--source", "s", "--out", "o"])
+    assert (args.format, args.quality, args.max_bad_fraction, args.shard_rows) == (
+        PrepareConfig.image_format, PrepareConfig.quality, PrepareConfig.max_bad_fraction, None)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['shardrows'\] in section 'prepare'"):
+        load_config(None, ["prepare.shardrows=3"])
+    with pytest.raises(ValueError, match=r"synthetic.classes must be in \[3, inf\)"):
+        load_config(None, ["synthetic.classes=2"])
+    with pytest.raises(ValueError, match=r"transfer_data.max_bad_fraction must be in \[0, 1\]"):
+        load_config(None, ["transfer_data.max_bad_fraction=2"])
 
 
 def test_results_table_sets_this_run_beside_the_paper():
@@ -80,7 +103,8 @@ def test_results_table_sets_this_run_beside_the_paper():
 def test_cache_keys_cover_inputs_and_upstream_data_but_not_where_stages_run():
     from prefect.cache_policies import CompoundCachePolicy, Inputs
 
-    from flows.alexnet_flow import DatasetVersion, UriListing, evaluate, prepare, stats, train
+    from flows.caching import DatasetVersion, UriListing
+    from flows.tasks import evaluate, prepare, stats, train
 
     for t, extra in ((prepare, UriListing), (stats, DatasetVersion), (train, DatasetVersion),
                      (evaluate, DatasetVersion)):
@@ -97,7 +121,7 @@ def test_cache_keys_cover_inputs_and_upstream_data_but_not_where_stages_run():
 
 
 def test_dataset_version_changes_with_the_manifest(tmp_path):
-    from flows.alexnet_flow import DatasetVersion
+    from flows.caching import DatasetVersion
 
     policy = DatasetVersion(parameter="data_uri")
     missing = policy.compute_key(None, {"data_uri": str(tmp_path)}, {})
@@ -112,12 +136,13 @@ def test_dataset_version_changes_with_the_manifest(tmp_path):
 def test_io_stages_retry_transient_errors_only():
     from prefect.states import Failed
 
-    from flows.alexnet_flow import RayJobError, _worth_retrying
+    from flows.ray_jobs import RayJobError
+    from flows.tasks import worth_retrying
     from pipelines.download import ChecksumError, DownloadError
     from pipelines.prepare import PrepareError
 
     def retried(exc: BaseException) -> bool:
-        return _worth_retrying(None, None, Failed(data=exc))
+        return worth_retrying(None, None, Failed(data=exc))
 
     assert retried(ConnectionError("reset by peer")) and retried(TimeoutError())
     assert retried(DownloadError("busy", status=503)) and not retried(DownloadError("gone", status=404))
@@ -127,25 +152,35 @@ def test_io_stages_retry_transient_errors_only():
 
 
 def test_resolved_config_travels_to_a_ray_job_exactly():
-    """The train job gets the resolved config as --set overrides; parsing them gives the same config back."""
-    from alexnet.config import load_config
-    from flows.alexnet_flow import _config_argv
+    """The train job gets the resolved config as the JSON kwargs of `python -m flows.job` (one base64 token);
+    decoding them gives the same config back."""
+    from alexnet.config import Config, load_config
+    from flows.ray_jobs import decode, encode
 
     cfg = load_config(ROOT / "configs" / "paper.yaml", ["data.data=s3://b/x", "train.step_epochs=[3,5]",
                                                         "tracking.tracking_uri=http://mlflow:5000"])
-    argv = _config_argv(cfg.to_dict())
-    overrides = [argv[i + 1] for i in range(0, len(argv), 2)]
-    assert load_config(None, overrides).to_dict() == cfg.to_dict()
+    token = encode({"config": cfg.to_dict(), "parent_run_id": None, "tags": {"a": "b c"}})
+    assert shlex.split(token) == [token]  # one shell word: nothing to quote on the job's command line
+    kwargs = decode(token)
+    assert Config.from_dict(kwargs["config"]).to_dict() == cfg.to_dict() and kwargs["tags"] == {"a": "b c"}
 
 
-def test_last_json_block_finds_the_cli_result_in_job_logs():
-    from flows.alexnet_flow import last_json_block
+def test_job_result_is_read_back_by_its_marker_not_by_scraping_printed_json(capsys):
+    """`python -m flows.job` prints the function's result last, as one marked line; whatever the function printed
+    (JSON included) is not taken for it. Locally, run_stage calls the function in this process."""
+    from flows.job import main
+    from flows.ray_jobs import encode, job_result, run_stage
 
-    logs = "\n".join(["(pid=1) {not json", "val: top-1 error 0.5", json.dumps({"a": {"b": [1, 2]}}, indent=2),
-                      "(TrainController pid=2) done", json.dumps({"checkpoint": "/x", "n": 3}, indent=2), ""])
-    assert last_json_block(logs) == {"checkpoint": "/x", "n": 3}
-    with pytest.raises(ValueError):
-        last_json_block("no result here")
+    assert main(["json:dumps", encode({"obj": {"checkpoint": "/x", "n": 3}, "indent": 2})]) == 0
+    printed = capsys.readouterr().out
+    logs = "\n".join(["(pid=1) {not json", json.dumps({"a": {"b": [1, 2]}}, indent=2), printed,
+                      "(TrainController pid=2) done", ""])
+    assert json.loads(job_result(logs)) == {"checkpoint": "/x", "n": 3}
+    with pytest.raises(ValueError, match="ALEXNET_RESULT"):
+        job_result("no result here\n" + json.dumps({"checkpoint": "/x"}, indent=2))
+    assert run_stage("json:loads", {"s": "[1, 2]"}, ray_address="local") == [1, 2]
+    with pytest.raises(ValueError, match="module:function"):
+        run_stage("json.loads", {}, ray_address=None)
 
 
 def test_prefect_yaml_declares_one_deployment_per_preset():
@@ -171,7 +206,8 @@ def test_prefect_yaml_declares_one_deployment_per_preset():
         assert set(d["parameters"]) <= set(properties), set(d["parameters"]) - set(properties)
     from alexnet.config import load_config
 
-    load_config(ROOT / "configs" / "smoke.yaml", deployments["smoke"]["parameters"]["overrides"])  # valid overrides
+    for d in deployments.values():  # valid overrides
+        load_config(ROOT / d["parameters"]["preset"], d["parameters"]["overrides"])
     from flows.ablations import ablations_flow
 
     assert ablations["entrypoint"] == "flows/ablations.py:ablations_flow" and ablations_flow.name == "alexnet"
@@ -209,21 +245,19 @@ def flow_runs(ray_local, prefect_api, tmp_path_factory):
     common = dict(raw_uri=str(tmp / "raw"), data_uri=str(tmp / "prepared"),
                   mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", results_dir=str(tmp / "results"),
                   **TINY_PARAMS)
-    base = [*SHORT, f"train.storage_path={tmp / 'ray'}", "train.run_name=flow-test"]
-    transfer_data = {"raw_root": str(tmp / "transfer-raw"), "data_root": str(tmp / "transfer")}
+    base = [*TINY, *SHORT, f"train.storage_path={tmp / 'ray'}", "train.run_name=flow-test"]
+    transfer_data = [f"transfer_data.raw_root={tmp / 'transfer-raw'}", f"transfer_data.data_root={tmp / 'transfer'}"]
     started = time.perf_counter()
     failed = alexnet_flow(overrides=[*base, "train.batch_size=3"], return_state=True, **common)
     failed_s = time.perf_counter() - started
     started = time.perf_counter()
-    rerun = alexnet_flow(overrides=[*base, "tracking.registered_model=alexnet-test", *TRANSFER_SHORT],
-                         return_state=True, **{**common, "post_training": ["register", "transfer"]},
-                         transfer_data=transfer_data)
+    rerun = alexnet_flow(overrides=[*base, "tracking.registered_model=alexnet-test", *TRANSFER_SHORT, *transfer_data],
+                         return_state=True, **{**common, "post_training": ["register", "transfer"]})
     rerun_s = time.perf_counter() - started
     # the alexnet/transfer deployment's shape: transfer only, from the checkpoint the rerun trained
     checkpoint = rerun.result()["train"]["checkpoint"] if rerun.is_completed() else None
-    transfer_only = alexnet_flow(overrides=[*base, *TRANSFER_SHORT], return_state=True,
-                                 **{**common, "post_training": ["transfer"]}, checkpoint=checkpoint,
-                                 transfer_data=transfer_data) if checkpoint else None
+    transfer_only = alexnet_flow(overrides=[*base, *TRANSFER_SHORT, *transfer_data], return_state=True,
+                                 **{**common, "post_training": ["transfer"]}, checkpoint=checkpoint) if checkpoint else None
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[rerun.state_details.flow_run_id])))
@@ -400,15 +434,15 @@ def test_mlflow_ui_shows_the_flow_runs_in_headless_chromium(flow_runs, tmp_path,
 
     (port,) = free_ports(1)
     base = f"http://127.0.0.1:{port}"
-    env = _isolated_env(tmp_path, MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_PORT=str(port))
+    env = isolated_env(tmp_path, MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_PORT=str(port))
     # The README's `make mlflow-ui`, with the store the summary names; -o: never (re)build .venv from a test.
-    ui = _start(["make", "-s", "-o", ".venv/.installed", "mlflow-ui", f"BIN={BIN}"], env, tmp_path / "mlflow-ui.log")
+    ui = start_process(["make", "-s", "-o", ".venv/.installed", "mlflow-ui", f"BIN={BIN}"], env, tmp_path / "mlflow-ui.log")
     browser = None
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "mlflow-ui-experiment.png"
     started = time.perf_counter()
     try:
-        _wait_http(f"{base}/health", 180, proc=ui, log=tmp_path / "mlflow-ui.log", expect=b"OK")
+        wait_http(f"{base}/health", 180, proc=ui, log=tmp_path / "mlflow-ui.log", expect=b"OK")
         print(f"make mlflow-ui answered in {time.perf_counter() - started:.1f} s")
         browser = _headless_chromium(tmp_path)
         started = time.perf_counter()
@@ -446,7 +480,7 @@ def test_mlflow_ui_shows_the_flow_runs_in_headless_chromium(flow_runs, tmp_path,
                 print(f"screenshot: {screenshot}")
             finally:
                 browser.quit()
-        _stop(ui)
+        stop_process(ui)
     assert screenshot.stat().st_size > 10_000
 
 
@@ -520,9 +554,11 @@ def test_flow_with_s3_storage(synth_root, s3_endpoint, ray_local, prefect_api, t
     data_uri, storage_path = f"s3://{bucket}/imagenet-256", f"s3://{bucket}/alexnet-runs"
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     started = time.perf_counter()
-    state = alexnet_flow(raw_uri=raw_uri, data_uri=data_uri, crops=[1], mlflow_tracking_uri=tracking_uri,
-                         results_dir=str(tmp_path / "results"), max_bad_fraction=0.1, shard_rows=16, post_training=[],
-                         overrides=[*SHORT, f"train.storage_path={storage_path}", "train.run_name=s3-flow",
+    state = alexnet_flow(raw_uri=raw_uri, data_uri=data_uri, mlflow_tracking_uri=tracking_uri,
+                         results_dir=str(tmp_path / "results"), post_training=[],
+                         overrides=[*SHORT, "evaluate.crops=[1]", "prepare.max_bad_fraction=0.1",
+                                    "prepare.shard_rows=16", f"train.storage_path={storage_path}",
+                                    "train.run_name=s3-flow",
                                     "train.num_workers=1",  # DDP is tested elsewhere; one worker starts sooner
                                     "tracking.log_model=false"],
                          return_state=True)
@@ -551,81 +587,6 @@ def test_flow_with_s3_storage(synth_root, s3_endpoint, ray_local, prefect_api, t
     parent = mlflow.MlflowClient(tracking_uri).get_run(summary["mlflow"]["parent_run_id"])
     assert parent.data.params["flow.data_uri"] == data_uri and parent.data.params["flow.raw_uri"] == raw_uri
     assert parent.data.metrics["val_top1_err_1crop"] == pytest.approx(top1, abs=1e-4)
-
-
-# --- helpers for servers ---------------------------------------------------------------------------------------------
-
-
-def _isolated_env(tmp: Path, **extra: str) -> dict[str, str]:
-    """This environment without Prefect, Ray and MLflow settings, with a private PREFECT_HOME."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_", "MLFLOW_"))}
-    (tmp / "prefect-home").mkdir(parents=True, exist_ok=True)
-    env.update(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen | None, timeout: float = 30) -> None:
-    """SIGTERM the process group (the process first, so it can shut its children down), then SIGKILL."""
-    if proc is None:
-        return
-    try:
-        pgid = os.getpgid(proc.pid)
-    except ProcessLookupError:
-        pgid = None
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    if pgid is not None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            time.sleep(2)
-
-
-def _wait_http(url: str, timeout: float, *, proc: subprocess.Popen, log: Path, token: str | None = None,
-               expect: bytes | None = None) -> None:
-    deadline = time.time() + timeout
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args[:3]} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            body = urllib.request.urlopen(request, timeout=5).read()
-            if expect is None or body.strip() == expect:
-                return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(1)
-    raise AssertionError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def _run(cmd: list[str], env: dict[str, str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs)
-    assert out.returncode == 0, f"{cmd[:4]} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
-    return out
-
-
-def _mlflow_children(tracking_uri: str, parent_run_id: str) -> dict[str, object]:
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri)
-    parent = client.get_run(parent_run_id)
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    return {"parent": parent, **{r.data.tags.get("alexnet.stage", r.info.run_name): r for r in children}}
 
 
 # --- slow: a Prefect server, a process worker and the smoke deployment --------------------------------------------
@@ -681,25 +642,25 @@ def test_smoke_deployment_runs_on_a_prefect_server_and_worker(tmp_path):
     assert readme_api == "http://127.0.0.1:4200/api", export  # prefect server start's default address
     api = readme_api.replace(":4200/", f":{port}/")
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    server_env = _isolated_env(tmp_path, PREFECT_SERVER_API_PORT=str(port))
-    client_env = _isolated_env(tmp_path, PREFECT_API_URL=api, PWD=str(ROOT))  # a shell in the repository root
+    server_env = isolated_env(tmp_path, PREFECT_SERVER_API_PORT=str(port))
+    client_env = isolated_env(tmp_path, PREFECT_API_URL=api, PWD=str(ROOT))  # a shell in the repository root
     server = worker = None
     try:
-        server = _start(shlex.split(server_cmd), server_env, tmp_path / "server.log")
-        _wait_http(f"{api}/health", 180, proc=server, log=tmp_path / "server.log", expect=b"true")
-        _run(shlex.split(pool_cmd), client_env, 120)
-        deployed = _run(shlex.split(deploy_cmd), client_env, 300)
+        server = start_process(shlex.split(server_cmd), server_env, tmp_path / "server.log")
+        wait_http(f"{api}/health", 180, proc=server, log=tmp_path / "server.log", expect=b"true")
+        run_checked(shlex.split(pool_cmd), client_env, 120)
+        deployed = run_checked(shlex.split(deploy_cmd), client_env, 300)
         assert "alexnet/smoke" in deployed.stdout and "alexnet/full-reproduction" in deployed.stdout, deployed.stdout
 
-        inspect = _run(["prefect", "deployment", "inspect", "alexnet/smoke"], client_env, 60)
+        inspect = run_checked(["prefect", "deployment", "inspect", "alexnet/smoke"], client_env, 60)
         assert str(ROOT) in inspect.stdout and "set_working_directory" in inspect.stdout  # {{ $PWD }} resolved
 
-        worker = _start(shlex.split(worker_cmd), {**client_env, "MLFLOW_TRACKING_URI": tracking_uri},
+        worker = start_process(shlex.split(worker_cmd), {**client_env, "MLFLOW_TRACKING_URI": tracking_uri},
                         tmp_path / "worker.log")
         params = {"raw_uri": str(tmp_path / "raw"), "data_uri": str(tmp_path / "prepared"),
-                  "results_dir": str(tmp_path / "results"), "crops": [1], **TINY_PARAMS,
+                  "results_dir": str(tmp_path / "results"), **TINY_PARAMS,
                   "overrides": ["tracking.registered_model=alexnet-smoke", f"train.storage_path={tmp_path / 'ray'}",
-                                *SHORT]}
+                                "evaluate.crops=[1]", *TINY, *SHORT]}
         cmd = [*shlex.split(smoke_cmd), "--watch-timeout", "480"]
         for k, v in params.items():
             cmd += ["--param", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
@@ -710,15 +671,15 @@ def test_smoke_deployment_runs_on_a_prefect_server_and_worker(tmp_path):
         worker_log = (tmp_path / "worker.log").read_text()
         assert ran.returncode == 0 and "Completed" in output, output[-3000:] + worker_log[-6000:]
     finally:
-        _stop(worker)
-        _stop(server)
+        stop_process(worker)
+        stop_process(server)
 
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
     (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("alexnet-smoke").experiment_id])
                  if r.info.run_name.startswith("flow-")]
-    runs = _mlflow_children(tracking_uri, parent.info.run_id)
+    runs = mlflow_children(tracking_uri, parent.info.run_id)
     assert runs["parent"].data.tags["prefect.deployment"] == "smoke"
     assert set(runs) >= {"parent", "synthesize", "prepare", "stats", "train", "evaluate", "register"}
     assert "val_top1_err_1crop" in runs["parent"].data.metrics and "val_top1_err" in runs["train"].data.metrics
@@ -736,7 +697,7 @@ _FLOW_SCRIPT = textwrap.dedent("""
 
 _FAILING_JOB = textwrap.dedent("""
     import sys
-    from flows.alexnet_flow import RayJobError, run_ray_job
+    from flows.ray_jobs import RayJobError, run_ray_job
     try:
         run_ray_job(sys.argv[1], "doomed", ["-c", "import sys; print('the cause, in the job'); sys.exit(3)"])
     except RayJobError as e:
@@ -745,8 +706,8 @@ _FAILING_JOB = textwrap.dedent("""
 
 _LIST_JOBS = textwrap.dedent("""
     import json, sys
-    from flows.alexnet_flow import _job_client
-    jobs = _job_client(sys.argv[1]).list_jobs()  # a GCS address works too: the client asks the GCS for the dashboard
+    from flows.ray_jobs import job_client
+    jobs = job_client(sys.argv[1]).list_jobs()  # a GCS address works too: the client asks the GCS for the dashboard
     print(json.dumps([{"id": j.submission_id, "entrypoint": j.entrypoint, "status": str(j.status.value),
                        "metadata": j.metadata} for j in jobs]))
 """)
@@ -754,70 +715,52 @@ _LIST_JOBS = textwrap.dedent("""
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_heavy_stages_run_as_ray_jobs_on_a_token_authenticated_head(tmp_path):
-    """With ray_address the flow submits prepare, stats, train and evaluate as Ray jobs (the CLI, with the repository
-    as working_dir) to a `ray start --head` cluster with token auth; the training run joins the flow's lineage."""
-    gcs, dashboard, client_port, agent = free_ports(4)
-    ray_tmp = Path(tempfile.mkdtemp(prefix="alexnet-rt-", dir="/tmp"))  # short: Ray's socket paths live here
-    token = secrets.token_hex(32)
+def test_heavy_stages_run_as_ray_jobs_on_a_token_authenticated_head(token_head, tmp_path):
+    """With ray_address the flow submits prepare, stats, train and evaluate as Ray jobs (`python -m flows.job` on
+    the stage's JSON kwargs, with the repository as working_dir) to a `ray start --head` cluster with token auth,
+    started as README Tier 2 says from a shell without the venv on PATH (the jobs name their interpreter); the
+    results come back from the jobs and the training run joins the flow's lineage."""
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = _isolated_env(tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-    address = f"http://127.0.0.1:{dashboard}"
-    head = None
-    try:
-        head = _start([str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-                       "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--num-cpus", "2",
-                       "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                       "--dashboard-port", str(dashboard),
-                       "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent),
-                       "--temp-dir", str(ray_tmp)], env, tmp_path / "ray-head.log")
-        _wait_http(f"{address}/api/version", 180, proc=head, log=tmp_path / "ray-head.log", token=token)
-        with pytest.raises(urllib.error.HTTPError):  # token auth is on
-            urllib.request.urlopen(f"{address}/api/version", timeout=10)
+    env = isolated_env(tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token_head["token"],
+                       PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")  # 2 busy cores: 20 s is short
+    address = token_head["address"]
+    with pytest.raises(urllib.error.HTTPError):  # token auth is on
+        urllib.request.urlopen(f"{address}/api/version", timeout=10)
+    assert str(BIN) not in token_head["env"]["PATH"].split(":")  # the head's jobs get no venv from PATH
 
-        params = {"raw_uri": str(tmp_path / "raw"), "data_uri": str(tmp_path / "prepared"),
-                  "results_dir": str(tmp_path / "results"), "ray_address": address, "crops": [1, 10],
-                  "mlflow_tracking_uri": tracking_uri, **TINY_PARAMS,
-                  "overrides": [f"train.storage_path={tmp_path / 'ray'}", *SHORT]}
-        started = time.perf_counter()
-        ran = _run([sys.executable, "-c", _FLOW_SCRIPT, json.dumps(params), str(tmp_path / "summary.json")], env, 480)
-        (tmp_path / "flow.log").write_text(ran.stdout + ran.stderr)
-        print(f"flow with Ray jobs: {time.perf_counter() - started:.0f} s")
-        summary = json.loads((tmp_path / "summary.json").read_text())
-        listed = _run([sys.executable, "-c", _LIST_JOBS, f"127.0.0.1:{gcs}"], env, 120)
-        jobs = json.loads(listed.stdout.strip().splitlines()[-1])
-        doomed = _run([sys.executable, "-c", _FAILING_JOB, address], env, 120).stdout
+    params = {"raw_uri": str(tmp_path / "raw"), "data_uri": str(tmp_path / "prepared"),
+              "results_dir": str(tmp_path / "results"), "ray_address": address,
+              "mlflow_tracking_uri": tracking_uri, **TINY_PARAMS,
+              "overrides": [f"train.storage_path={tmp_path / 'ray'}", "evaluate.crops=[1, 10]", *TINY, *SHORT]}
+    started = time.perf_counter()
+    ran = run_checked([sys.executable, "-c", _FLOW_SCRIPT, json.dumps(params), str(tmp_path / "summary.json")], env,
+                      480)
+    (tmp_path / "flow.log").write_text(ran.stdout + ran.stderr)
+    print(f"flow with Ray jobs: {time.perf_counter() - started:.0f} s")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    listed = run_checked([sys.executable, "-c", _LIST_JOBS, token_head["gcs"]], env, 120)
+    doomed = run_checked([sys.executable, "-c", _FAILING_JOB, address], env, 120).stdout
 
-        # The README's way: `ray job submit` of the smoke training, by hand (absolute paths: the job runs in a copy
-        # of the working dir).
-        started = time.perf_counter()
-        submitted = _run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-                          "python", "-m", "alexnet.train", "--config", "configs/smoke.yaml",
-                          "--data", str(tmp_path / "prepared"), "--no-tracking", "--set", "train.run_name=cli-job",
-                          "--set", f"train.storage_path={tmp_path / 'ray-cli'}",
-                          *[a for o in SHORT for a in ("--set", o)]], env, 300)
-        print(f"ray job submit: {time.perf_counter() - started:.0f} s")
-    finally:
-        _stop(head, timeout=60)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
+    flow_run_id = summary["prefect"]["flow_run_id"]  # the head is shared: this flow run's jobs
+    jobs = [j for j in json.loads(listed.stdout.strip().splitlines()[-1])
+            if (j["metadata"] or {}).get("prefect_flow_run_id") == flow_run_id]
     by_stage = {j["metadata"].get("alexnet_stage"): j for j in jobs}
     assert set(by_stage) == {"prepare", "stats", "train", "evaluate-1crop", "evaluate-10crop"}, jobs
     assert all(j["status"] == "SUCCEEDED" for j in jobs), jobs
-    assert "-m alexnet.cli prepare imagenet" in by_stage["prepare"]["entrypoint"]
-    assert "-m alexnet.cli stats" in by_stage["stats"]["entrypoint"]
-    assert "-m alexnet.train" in by_stage["train"]["entrypoint"]
-    assert all(j["metadata"]["prefect_flow_run_id"] == summary["prefect"]["flow_run_id"] for j in jobs)
+    assert "-m flows.job flows.stages:prepare " in by_stage["prepare"]["entrypoint"]
+    assert "-m flows.job flows.stages:stats " in by_stage["stats"]["entrypoint"]
+    assert "-m flows.job flows.stages:train " in by_stage["train"]["entrypoint"]
+    assert all("--set" not in j["entrypoint"] for j in jobs)  # no flags rebuilt by hand
     assert summary["stages"]["train"]["state"] == "Completed" and set(summary["val_error"]) == {"1 crop", "10 crops"}
+    assert summary["splits"]["train"]["rows"] == 46 and len(summary["eigval"]) == 3  # results read back from jobs
 
     assert "RAISED" in doomed and "ended FAILED" in doomed and "the cause, in the job" in doomed, doomed
     assert "TRANSIENT False" in doomed  # the entrypoint failed: a retry would fail the same way
-    assert "succeeded" in submitted.stdout and '"checkpoint":' in submitted.stdout, submitted.stdout[-3000:]
-    assert (tmp_path / "ray-cli" / "cli-job").is_dir()
     flow_log = (tmp_path / "flow.log").read_text()
     assert f"[{by_stage['train']['id']}]" in flow_log and "epoch 1/1" in flow_log  # job logs relayed to Prefect
+    assert "ALEXNET_RESULT" not in flow_log  # results are returned, not logged
 
-    runs = _mlflow_children(tracking_uri, summary["mlflow"]["parent_run_id"])
-    assert runs["train"].info.run_id == summary["mlflow"]["run_id"]  # made by the job, adopted by the flow
+    runs = mlflow_children(tracking_uri, summary["mlflow"]["parent_run_id"])
+    assert runs["train"].info.run_id == summary["mlflow"]["run_id"]  # made by the job, in the flow's lineage
     assert runs["train"].data.tags["git_commit"] == runs["parent"].data.tags["git_commit"] != "unknown"
     assert "val_top1_err" in runs["train"].data.metrics

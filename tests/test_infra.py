@@ -433,100 +433,63 @@ TIER2_TRAIN_OVERRIDES = ("train.num_workers=1", "train.use_gpu=false", "train.cp
 
 @pytest.mark.slow
 @pytest.mark.timeout(720)
-def test_readme_tier2_commands_run_against_a_token_head(tmp_path):
-    """README Tier 2 as written: the head block (venv, token, `ray start --head`) and the client block (token,
-    tunnel, `ray job submit` of prepare, stats and training). Only what names the remote cluster changes: the
-    tunnel line (the head is local), the dashboard port and s3://my-bucket (free ports, a local folder). The head
-    starts from a shell whose PATH lacks the venv, so the README's `source .venv/bin/activate` is what gives the
-    jobs the venv's `python` and `alexnet`."""
-    if not (ROOT / ".venv" / "bin" / "ray").exists():
-        pytest.skip("needs .venv (make setup)")
+def test_readme_tier2_commands_run_against_a_token_head(token_head, tmp_path):
+    """README Tier 2 as written: the head block (token, `.venv/bin/ray start --head`, run by the ``token_head``
+    fixture from a shell whose PATH lacks the venv, nothing activated) and the client block (token, tunnel,
+    `ray job submit` of prepare, stats and training). Only what names the remote cluster changes: the tunnel line
+    (the head is local), the dashboard port and s3://my-bucket (free ports, a local folder). The jobs succeed
+    because their entrypoints name the venv's interpreter, not because of the head's PATH."""
     from pipelines.synth import write_synthetic_imagenet
 
     head_block, client_block = _readme_blocks("### Tier 2")
     head_cmds, client_cmds = _commands(head_block), _commands(client_block)
-    assert head_cmds[0] == "source .venv/bin/activate"
+    assert head_cmds == token_head["head_cmds"]  # the fixture ran this block
+    assert not [c for c in head_cmds if "activate" in c]  # no venv on the head's PATH
     starts = [c for c in head_cmds if "ray start --head" in c]
-    assert len(starts) == 1 and starts[0].startswith("RAY_AUTH_MODE=token ")
+    assert len(starts) == 1 and starts[0].startswith("RAY_AUTH_MODE=token .venv/bin/ray start --head")
+    assert not [p for p in token_head["system_path"].split(":") if p.startswith(str(ROOT / ".venv"))]
     # The token comes before the first command that talks to the cluster.
     first_contact = next(i for i, c in enumerate(client_cmds) if c.startswith("ray "))
     assert any("RAY_AUTH_MODE=token" in c for c in client_cmds[:first_contact])
     submits = [c for c in client_cmds if c.startswith("ray job submit")]
     assert [s.split(" -- ")[1].split()[:2] for s in submits] == [
-        ["alexnet", "prepare"], ["alexnet", "stats"], ["python", "-m"]]
+        [".venv/bin/alexnet", "prepare"], [".venv/bin/alexnet", "stats"], [".venv/bin/python", "-m"]]
 
     bucket = tmp_path / "bucket"
     write_synthetic_imagenet(bucket / "ilsvrc2012", classes=3, train_per_class=4, val_per_class=2, size=64,
                              seed=1, quirks=False)
-    home = tmp_path / "home"
-    home.mkdir()
-    ray_tmp = Path(tempfile.mkdtemp(prefix="alexnet-t2-", dir="/tmp"))  # short: Ray's socket paths live here
-    gcs, dashboard, client, agent = free_ports(4)
-    system_path = ":".join(p for p in os.environ.get("PATH", "/usr/bin:/bin").split(":")
-                           if not p.startswith(str(ROOT / ".venv")))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VIRTUAL_ENV", "MLFLOW_", "AWS_"))}
-    env.update(HOME=str(home), RAY_TMPDIR=str(ray_tmp), PATH=system_path,
-               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
-               # The machine's memory is shared with other test runs: Ray's OOM monitor would kill this head's
-               # tiny workers for memory that other processes use.
-               RAY_memory_monitor_refresh_ms="0")
+    dashboard = token_head["dashboard_port"]
+    assert _http_status(f"http://127.0.0.1:{dashboard}/api/version") == 401, "token auth is off"
 
-    local_start = (f"{starts[0]} --block --node-ip-address=127.0.0.1 --port={gcs} --dashboard-port={dashboard} "
-                   f"--ray-client-server-port={client} --dashboard-agent-listen-port={agent} "
-                   f"--temp-dir={ray_tmp} --num-cpus=2 --object-store-memory=150000000")
-    head_script = "set -e\n" + "\n".join(local_start if c == starts[0] else c for c in head_cmds) + "\n"
-    head = subprocess.Popen(["bash", "-c", head_script], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)
-    try:
-        token_file = home / ".ray" / "auth_token"
-        deadline = time.monotonic() + 120
-        while True:
-            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
-            try:
-                if token_file.exists() and _http_status(f"http://127.0.0.1:{dashboard}/api/version",
-                                                        token_file.read_text().strip()) == 200:
-                    break
-            except urllib.error.URLError:
-                pass  # not listening yet
-            assert time.monotonic() < deadline, "the head did not answer: " + (tmp_path / "head.log").read_text()[-3000:]
-            time.sleep(1)
-        assert _http_status(f"http://127.0.0.1:{dashboard}/api/version") == 401, "token auth is off"
-
-        client_env = dict(env, PATH=f"{ROOT / '.venv' / 'bin'}:{system_path}")
-        exports: list[str] = []
-        timings: dict[str, float] = {}
-        for c in client_cmds:
-            if "head-node" in c:
-                continue  # the SSH tunnel: this head listens on this machine already
-            c = c.replace("127.0.0.1:8265", f"127.0.0.1:{dashboard}").replace("s3://my-bucket/", f"{bucket}/")
-            if c.startswith("export "):
-                exports.append(c)
-                continue
-            if "python -m alexnet.train" in c:
-                c += "".join(f" --set {o}" for o in TIER2_TRAIN_OVERRIDES)
-            started = time.monotonic()
-            run = subprocess.run(["bash", "-c", "set -euo pipefail\n" + "\n".join([*exports, c])], cwd=ROOT,
-                                 env=client_env, capture_output=True, text=True, timeout=360)
-            timings[" ".join(c.split(" -- ")[-1].split()[:2])] = round(time.monotonic() - started, 1)
-            output = run.stdout + run.stderr
-            assert run.returncode == 0 and "succeeded" in output, f"{c}\n{output[-6000:]}"
-        print("tier-2 command times (s):", timings)
-        prepared = bucket / "imagenet-256"
-        assert json.loads((prepared / "manifest.json").read_text())
-        assert (prepared / "stats.json").exists()
-        checkpoints = list((bucket / "alexnet-runs").rglob("checkpoint.pt"))
-        assert checkpoints, f"no checkpoint under {bucket / 'alexnet-runs'}"
-    finally:
-        try:
-            os.killpg(head.pid, 15)
-            head.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        try:
-            os.killpg(head.pid, 9)
-        except ProcessLookupError:
-            pass
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    client_env = dict(token_head["env"], PATH=f"{ROOT / '.venv' / 'bin'}:{token_head['system_path']}")
+    exports: list[str] = []
+    timings: dict[str, float] = {}
+    outputs: dict[str, str] = {}
+    for c in client_cmds:
+        if "head-node" in c:
+            continue  # the SSH tunnel: this head listens on this machine already
+        c = c.replace("127.0.0.1:8265", f"127.0.0.1:{dashboard}").replace("s3://my-bucket/", f"{bucket}/")
+        if c.startswith("export "):
+            exports.append(c)
+            continue
+        if "python -m alexnet.train" in c:
+            c += "".join(f" --set {o}" for o in TIER2_TRAIN_OVERRIDES)
+        started = time.monotonic()
+        run = subprocess.run(["bash", "-c", "set -euo pipefail\n" + "\n".join([*exports, c])], cwd=ROOT,
+                             env=client_env, capture_output=True, text=True, timeout=360)
+        name = " ".join(c.split(" -- ")[-1].split()[:2])
+        timings[name] = round(time.monotonic() - started, 1)
+        outputs[name] = output = run.stdout + run.stderr
+        assert run.returncode == 0 and "succeeded" in output, f"{c}\n{output[-6000:]}"
+    print("tier-2 command times (s):", timings)
+    prepared = bucket / "imagenet-256"
+    assert json.loads((prepared / "manifest.json").read_text())
+    assert (prepared / "stats.json").exists()
+    checkpoints = list((bucket / "alexnet-runs").rglob("checkpoint.pt"))
+    assert checkpoints, f"no checkpoint under {bucket / 'alexnet-runs'}"
+    # the training job's result as `python -m alexnet.train` prints it, and its run folder
+    assert '"checkpoint":' in outputs[".venv/bin/python -m"], outputs[".venv/bin/python -m"][-3000:]
+    assert (bucket / "alexnet-runs" / "tier2").is_dir()
 
 
 # --- secrets stay out of the image and out of git -----------------------------------------------------------------

@@ -20,10 +20,12 @@ import sys
 import time
 from pathlib import Path
 
+from alexnet.results import format_report
+
 SMOKE_PRESET = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 
-#: The tiny ImageNet of the smoke run: 500 images, 3 of them undecodable on purpose (0.6% < the 1% limit).
-SMOKE_DATA = dict(classes=10, train_per_class=40, val_per_class=10, size=320, seed=0)
+#: The tiny ImageNet of the smoke run: the preset's ``synthetic`` section (defaults: 10 classes, 40 + 10 images
+#: each, 500 images, 3 of them undecodable on purpose: 0.6% < the 1% limit).
 
 #: The registry name of smoke models (the paper preset registers ``alexnet``).
 SMOKE_MODEL = "alexnet-smoke"
@@ -39,19 +41,18 @@ def run_smoke(workdir: str | Path = "runs/smoke", *, overrides: list[str] | None
     return alexnet_flow(
         preset=str(SMOKE_PRESET),
         overrides=[f"train.storage_path={workdir / 'ray'}", f"tracking.registered_model={SMOKE_MODEL}",
-                   f"transfer.storage_path={workdir / 'transfer-ray'}", *(overrides or [])],
+                   f"transfer.storage_path={workdir / 'transfer-ray'}", "prepare.shard_rows=128",
+                   f"transfer_data.raw_root={workdir / 'transfer-raw'}", f"transfer_data.data_root={workdir / 'transfer'}",
+                   *(overrides or [])],
         raw_uri=str(workdir / "imagenet-official"),
         data_uri=str(workdir / "prepared"),
         synthetic=True,
-        synthetic_spec=SMOKE_DATA,
-        shard_rows=128,
         results_dir=str(workdir / "prefect-results"),
-        transfer_data={"raw_root": str(workdir / "transfer-raw"), "data_root": str(workdir / "transfer")},
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alexnet.smoke", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m flows.smoke", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=os.environ.get("ALEXNET_SMOKE_DIR", "runs/smoke"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -61,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # every Prefect API call otherwise
     started = time.perf_counter()
     summary = run_smoke(args.workdir, overrides=args.overrides)
-    from flows.alexnet_flow import format_report
-
     print("\n=== smoke run: details ===")
     print(json.dumps(summary, indent=2, default=str))
     print("\n=== smoke run: summary ===")
