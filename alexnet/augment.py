@@ -368,6 +368,27 @@ class Augmentation:
         result = torch.from_numpy(out)
         return result if means is not None else self._normalize_channels(result)
 
+    def crop_flip(self, x: torch.Tensor, params: TrainParams) -> torch.Tensor:
+        """Only the random crop and flip of :meth:`apply_train`, on uint8: ``[N, 3, crop, crop]`` uint8 (CPU: one
+        strided copy per patch into a reused buffer; elsewhere the same slicing batched), e.g. to send 224x224
+        patches to the device, which then lights and normalises them. The pixels are those
+        :meth:`apply_train` starts from."""
+        n, channels, _, _ = self._check_input(x)
+        params = params.to(x.device)
+        size = self.crop
+        if x.device.type != "cpu":
+            steps = torch.arange(size, device=x.device)
+            rows = (params.top[:, None] + steps)[:, None, :, None]
+            cols = params.left[:, None] + torch.where(params.flip[:, None], size - 1 - steps, steps)
+            batch = torch.arange(n, device=x.device)[:, None, None, None]
+            return x[batch, torch.arange(channels, device=x.device)[None, :, None, None], rows, cols[:, None, None, :]]
+        pixels = x.numpy()
+        out = self._out_pool.take((n, channels, size, size), np.uint8)
+        for i, (top, left, flip) in enumerate(zip(params.top.tolist(), params.left.tolist(), params.flip.tolist())):
+            src = pixels[i, :, top : top + size, left : left + size]
+            np.copyto(out[i], src[:, :, ::-1] if flip else src)
+        return torch.from_numpy(out)
+
     def train(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Random crop, flip, PCA lighting and normalisation of a uint8 batch -> float32 ``[N, 3, crop, crop]``."""
         n, _, height, width = self._check_input(x)

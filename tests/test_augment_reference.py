@@ -127,6 +127,24 @@ def test_train_is_identical_to_the_previous_implementation(normalize, pixel_scal
     assert torch.equal(aug.train(x, torch.Generator().manual_seed(3)), expected)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_crop_flip_is_the_uint8_patch_train_starts_from(layout) -> None:
+    aug = _augmentation("channel", 255, 0.0)
+    x = _images(6, seed=4)
+    params = aug.sample_train_params(6, torch.Generator().manual_seed(5))
+    src = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    patches = aug.crop_flip(src, params)
+    assert patches.dtype == torch.uint8 and patches.shape == (6, 3, 224, 224)
+    for i in range(6):
+        t, l = int(params.top[i]), int(params.left[i])
+        expected = x[i, :, t : t + 224, l : l + 224]
+        assert torch.equal(patches[i], expected.flip(-1) if params.flip[i] else expected)
+    # lighting off, mean 0, std 1 (times pixel_scale 255): train's output is exactly these pixels / 255
+    ident = Augmentation(mean_rgb=(0, 0, 0), std_rgb=(1, 1, 1), eigval=aug.eigval, eigvec=aug.eigvec,
+                         normalize="channel", lighting_std=0.0, pixel_scale=255)
+    assert torch.equal(ident.apply_train(x, params), patches.float() / 255)
+
+
 def test_extreme_offsets_and_all_flips_are_identical() -> None:
     aug = _augmentation("mean_image", 255)
     x = _images(4, seed=1)
