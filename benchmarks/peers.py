@@ -368,8 +368,11 @@ def main() -> int:
     med = {k: statistics.median(x["rate"] for x in v) for k, v in results.items()}
     rng = {k: (min(x["rate"] for x in v), max(x["rate"] for x in v)) for k, v in results.items()}
     # per-round ratios, then their median: both sides of a ratio ran within minutes of each other
-    def ratio(a: str, b: str) -> tuple[float, float, float] | None:
-        pairs = [x["rate"] / y["rate"] for x, y in zip(results.get(a, []), results.get(b, []))]
+    def ratio(a: str, b: str, key: str = "rate") -> tuple[float, float, float] | None:
+        def value(x: dict) -> float:
+            return x["rate"] if key == "rate" else x["images"] / max(x["cpu_seconds"], 1e-9)
+
+        pairs = [value(x) / value(y) for x, y in zip(results.get(a, []), results.get(b, []))]
         return (statistics.median(pairs), min(pairs), max(pairs)) if pairs else None
 
     print(f"\npinned to CPUs {cores}; batch {args.batch_size}; {args.epochs} timed epochs after a warm-up; "
@@ -391,8 +394,11 @@ def main() -> int:
             continue
         target = TARGETS.get(label)
         verdict = "" if target is None else f"  (target >= {target:.2f}x: {'met' if r[0] >= target else 'NOT met'})"
-        print(f"{label:24s} {a} / {b}: {r[0]:.2f}x (rounds {r[1]:.2f}-{r[2]:.2f}){verdict}")
-        summary[label] = {"ratio": round(r[0], 3), "min": round(r[1], 3), "max": round(r[2], 3), "target": target}
+        per_cpu = ratio(a, b, "cpu")
+        print(f"{label:24s} {a} / {b}: {r[0]:.2f}x (rounds {r[1]:.2f}-{r[2]:.2f}){verdict}; "
+              f"per CPU-second {per_cpu[0]:.2f}x")
+        summary[label] = {"ratio": round(r[0], 3), "min": round(r[1], 3), "max": round(r[2], 3), "target": target,
+                          "per_cpu_second": round(per_cpu[0], 3)}
     for peer, reason in skipped.items():
         print(f"skipped {peer}: {reason}")
     report = {"benchmark": "peers", "versions": versions, "cores": cores, "rounds": args.rounds, "loads": loads,
