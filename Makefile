@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: setup smoke test test-fast clean benchmark-prepare benchmark-train mlflow-ui help
+.PHONY: setup smoke test test-fast clean benchmark-prepare benchmark-train benchmark-peers benchmark-gpu-input mlflow-ui help
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -35,6 +35,13 @@ benchmark-prepare: $(STAMP)  ## preprocessing throughput vs a naive Pillow basel
 benchmark-train: $(STAMP)  ## training input pipeline vs ImageFolder+DataLoader; AlexNet step throughput
 	$(BIN)/python benchmarks/train_input.py
 	$(BIN)/python benchmarks/train_step.py
+
+# FFCV and LitData get venvs of their own under ~/.cache/alexnet-peers (never this one); PEERS_ARGS="--rounds 5"
+benchmark-peers: $(STAMP)  ## our input pipeline vs FFCV and LitData side by side (installs them with --install)
+	$(BIN)/python benchmarks/peers.py --install $(PEERS_ARGS)
+
+benchmark-gpu-input: $(STAMP)  ## which input path (nvJPEG, CPU decode, raw) feeds the GPU's AlexNet step
+	$(BIN)/python benchmarks/gpu_input.py
 
 # One worker process: a personal UI starts in seconds (MLflow's default of 4 is for a shared server).
 mlflow-ui: $(STAMP)  ## the MLflow UI on the default store (sqlite:///mlflow.db), bound to 127.0.0.1

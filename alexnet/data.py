@@ -30,10 +30,16 @@ Shuffling
 Decoding and prefetching
     A background thread reads row groups, shuffles and cuts batches; a pool of ``decode_threads`` threads
     decodes them into a preallocated (optionally pinned) uint8 tensor while the training step runs. JPEGs are
-    decoded by torchvision's libjpeg-turbo kernel (the op behind ``torchvision.io.decode_jpeg``: on 256x256
-    quality-90 images it measured 450 us per image on one core against pillow-simd's 870 us, pixel-identical,
-    and it releases the GIL), or by Pillow where torchvision lacks it (``jpeg_decoder``); raw images are a reshape
-    of the stored bytes. The HWC -> CHW copy (about 0.1 ms per image) happens in the decode threads too.
+    decoded by libjpeg-turbo, through simplejpeg (libjpeg-turbo 3) or torchvision's kernel (the op behind
+    ``torchvision.io.decode_jpeg``), or by Pillow: ``jpeg_decoder="auto"`` times the available ones once per
+    process on a 256x256 quality-90 JPEG and takes the fastest of those that decode it to the same pixels as
+    Pillow (:func:`choose_jpeg_decoder`; here simplejpeg, about 370 us per image on one core against
+    torchvision's 450 and pillow-simd's 870, all pixel-identical and all releasing the GIL). Raw images are a
+    reshape of the stored bytes. With ``channels_last=True`` the batch's memory is NHWC (still shaped
+    ``[N, 3, H, W]``, ``torch.channels_last`` strides) and simplejpeg decodes straight into it; otherwise the
+    HWC -> CHW copy (about 0.1 ms per image) happens in the decode threads. Batch memory is reused once the
+    consumer has dropped every reference to a batch (:class:`alexnet.augment.BufferPool`: fresh pages would cost
+    a page fault per 4 KB).
     ``decode_device="cuda"`` decodes each batch at once with nvJPEG instead (``Batch.images`` is then on that
     device; not exercised by the CPU test suite).
 
@@ -48,6 +54,7 @@ import logging
 import math
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,17 +65,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from alexnet.augment import BufferPool
 from pipelines import storage
 from pipelines.dataset import PreparedDataset
 
-__all__ = ["Batch", "ShardReader"]
+try:  # libjpeg-turbo 3 with a lean binding (a project dependency, pipelines.imaging uses it too)
+    import simplejpeg
+except ImportError:  # pragma: no cover - a partial install
+    simplejpeg = None
+
+__all__ = ["Batch", "ShardReader", "choose_jpeg_decoder", "jpeg_decoders", "sample_jpeg"]
 
 log = logging.getLogger(__name__)
 
 #: Name prefix of every thread the reader starts (the tests look for leftovers by it).
 THREAD_PREFIX = "alexnet-data"
 
-JPEG_DECODERS = ("auto", "torchvision", "pillow")
+JPEG_DECODERS = ("auto", "simplejpeg", "torchvision", "pillow")
 
 
 def _torchvision_jpeg_op() -> Any | None:
@@ -85,6 +98,71 @@ def _torchvision_jpeg_op() -> Any | None:
     if not tv_image._has_image_ops():  # pragma: no cover
         return None
     return getattr(getattr(torch.ops, "image", None), "decode_jpeg", None)
+
+
+def sample_jpeg(size: int = 256) -> bytes:
+    """A photo-like 256x256 JPEG at prepare's quality 90 (smooth structure, texture, noise), encoded by Pillow."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    base = np.stack([np.sin(xx / (23 + 9 * c) + c) * np.cos(yy / (31 + 7 * c) - c) for c in range(3)], -1)
+    texture = rng.normal(0, 1, (size // 8, size // 8, 3)).repeat(8, 0).repeat(8, 1)
+    pixels = np.clip(128 + 60 * base + 25 * texture + rng.normal(0, 9, (size, size, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _decode_pillow(blob: np.ndarray | bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(memoryview(blob))) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def jpeg_decoders() -> dict[str, Any]:
+    """The JPEG decoders available here: name -> function of the encoded bytes (uint8 array) -> HWC uint8 RGB."""
+    decoders: dict[str, Any] = {}
+    if simplejpeg is not None:
+        decoders["simplejpeg"] = lambda blob: simplejpeg.decode_jpeg(blob, colorspace="RGB")
+    op = _torchvision_jpeg_op()
+    if op is not None:  # mode 3 is ImageReadMode.RGB; the result is a CHW view of HWC memory
+        decoders["torchvision"] = lambda blob: op(torch.from_numpy(np.asarray(blob)), 3, False).numpy().transpose(1, 2, 0)
+    decoders["pillow"] = _decode_pillow
+    return decoders
+
+
+_CHOICE: dict[str, Any] = {}
+_CHOICE_LOCK = threading.Lock()
+
+
+def choose_jpeg_decoder(repeat: int = 12) -> tuple[str, dict[str, float]]:
+    """The fastest JPEG decoder here that decodes a 256x256 quality-90 JPEG to the same pixels as Pillow, and the
+    microseconds per image each decoder took (``inf`` for one whose pixels differ). Measured once per process
+    (about 30 ms), on this machine's libraries; Pillow is the reference, and the fallback."""
+    with _CHOICE_LOCK:
+        if not _CHOICE:
+            blob = np.frombuffer(sample_jpeg(), dtype=np.uint8).copy()  # writable, as the reader's rows are
+            reference = _decode_pillow(blob)
+            timings: dict[str, float] = {}
+            for name, decode in jpeg_decoders().items():
+                try:
+                    same = np.array_equal(decode(blob), reference)
+                except Exception:  # noqa: BLE001 - a decoder that fails here is not chosen
+                    same = False
+                if not same:
+                    timings[name] = math.inf
+                    continue
+                best = math.inf
+                for _ in range(3):  # best of three rounds: the machine may be busy
+                    start = time.thread_time()
+                    for _ in range(repeat):
+                        decode(blob)
+                    best = min(best, (time.thread_time() - start) / repeat)
+                timings[name] = round(best * 1e6, 1)
+            _CHOICE.update(name=min(timings, key=timings.__getitem__), timings=timings)
+        return _CHOICE["name"], dict(_CHOICE["timings"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,8 +247,12 @@ class ShardReader:
         with_keys: also return each row's ``key``.
         prefetch: batches kept ready ahead of the consumer (at least 1).
         decode_device: ``"cpu"``, or a CUDA device to decode each JPEG batch there with nvJPEG.
-        jpeg_decoder: ``"torchvision"`` (libjpeg-turbo through torchvision's kernel), ``"pillow"``, or
-            ``"auto"``: torchvision when its kernel is available (the faster here), else Pillow.
+        jpeg_decoder: ``"simplejpeg"`` (libjpeg-turbo 3), ``"torchvision"`` (libjpeg-turbo through
+            torchvision's kernel), ``"pillow"``, or ``"auto"``: the fastest of them on this machine among those
+            that give Pillow's pixels (:func:`choose_jpeg_decoder`).
+        channels_last: batches whose memory is NHWC (``images.is_contiguous(memory_format=torch.channels_last)``,
+            the shape is still ``[N, 3, H, W]``): JPEGs decode straight into the batch, without the CHW copy, and
+            a channels-last model takes them as they are. Default: contiguous NCHW.
 
     Attributes:
         num_rows: rows this rank yields per epoch (the same every epoch).
@@ -196,6 +278,7 @@ class ShardReader:
         prefetch: int = 2,
         decode_device: str | torch.device = "cpu",
         jpeg_decoder: str = "auto",
+        channels_last: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -207,10 +290,14 @@ class ShardReader:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         if jpeg_decoder not in JPEG_DECODERS:
             raise ValueError(f"jpeg_decoder must be one of {JPEG_DECODERS}, got {jpeg_decoder!r}")
-        self._tv_decode = _torchvision_jpeg_op() if jpeg_decoder != "pillow" else None
+        self._tv_decode = _torchvision_jpeg_op()
         if jpeg_decoder == "torchvision" and self._tv_decode is None:
             raise ValueError("jpeg_decoder='torchvision': this torchvision has no JPEG decoding kernel")
-        self.jpeg_decoder = "torchvision" if self._tv_decode is not None else "pillow"
+        if jpeg_decoder == "simplejpeg" and simplejpeg is None:
+            raise ValueError("jpeg_decoder='simplejpeg': simplejpeg is not installed (pip install simplejpeg)")
+        self.jpeg_decoder: str = choose_jpeg_decoder()[0] if jpeg_decoder == "auto" else jpeg_decoder
+        self.channels_last = bool(channels_last)
+        self._pool = BufferPool(keep=prefetch + 4)
         dataset = PreparedDataset.of(data)  # an opened dataset is not read again
         self.dataset, self.data, self.split = dataset, dataset.uri, split
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -425,25 +512,51 @@ class ShardReader:
     # -- decoding ------------------------------------------------------------------------------------------------
 
     def _decode_into(self, out: np.ndarray, blobs: list[np.ndarray]) -> None:
-        """Decode ``blobs`` into ``out`` (uint8 ``[len(blobs), 3, S, S]``, a view of the batch tensor)."""
+        """Decode ``blobs`` into ``out``, a view of the batch: uint8 ``[len(blobs), S, S, 3]`` for channels-last
+        batches, ``[len(blobs), 3, S, S]`` otherwise."""
         size = self.image_size
-        for dst, blob in zip(out, blobs):
-            if self.image_format == "raw":
+        hwc = self.channels_last
+        shape = (size, size, 3)
+        if self.image_format == "raw":
+            for dst, blob in zip(out, blobs):
                 if blob.size != size * size * 3:
                     raise ValueError(f"raw image of {blob.size} bytes, expected {size}x{size}x3")
-                np.copyto(dst, blob.reshape(size, size, 3).transpose(2, 0, 1))
+                image = blob.reshape(shape)
+                np.copyto(dst, image if hwc else image.transpose(2, 0, 1))
+            return
+        decoder = self.jpeg_decoder
+        scratch = np.empty(shape, np.uint8) if decoder == "simplejpeg" and not hwc else None
+        for dst, blob in zip(out, blobs):
+            if decoder == "simplejpeg":
+                height, width = simplejpeg.decode_jpeg_header(blob)[:2]
+                if (height, width) != (size, size):
+                    raise ValueError(f"stored image is {width}x{height}, the manifest says {size}x{size}")
+                target = dst if hwc else scratch
+                simplejpeg.decode_jpeg(blob, colorspace="RGB", buffer=target)
+                if not hwc:
+                    np.copyto(dst, scratch.transpose(2, 0, 1))
                 continue
-            if self._tv_decode is not None:
+            if decoder == "torchvision":
                 # mode 3 is ImageReadMode.RGB; the result is a CHW view of HWC memory
-                chw = self._tv_decode(torch.from_numpy(blob), 3, False).numpy()
+                image = self._tv_decode(torch.from_numpy(blob), 3, False).numpy().transpose(1, 2, 0)
             else:
-                from PIL import Image
+                image = _decode_pillow(blob)
+            if image.shape != shape:
+                raise ValueError(
+                    f"stored image is {image.shape[1]}x{image.shape[0]}, the manifest says {size}x{size}"
+                )
+            np.copyto(dst, image if hwc else image.transpose(2, 0, 1))
 
-                with Image.open(io.BytesIO(blob)) as img:
-                    chw = np.asarray(img.convert("RGB")).transpose(2, 0, 1)
-            if chw.shape != dst.shape:
-                raise ValueError(f"stored image is {chw.shape[2]}x{chw.shape[1]}, the manifest says {size}x{size}")
-            np.copyto(dst, chw)
+    def _new_batch(self, n: int) -> tuple[torch.Tensor, np.ndarray]:
+        """(the batch tensor ``[n, 3, S, S]``, the array the decode threads write: NHWC or NCHW)."""
+        size = self.image_size
+        shape = (n, size, size, 3) if self.channels_last else (n, 3, size, size)
+        if self.pin_memory:  # torch caches pinned blocks itself
+            memory = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+        else:
+            memory = torch.from_numpy(self._pool.take(shape, np.uint8))
+        images = memory.permute(0, 3, 1, 2) if self.channels_last else memory
+        return images, memory.numpy()
 
     def _decode_on_device(self, blobs: list[np.ndarray]) -> torch.Tensor:  # pragma: no cover - needs a GPU
         images = torch.ops.image.decode_jpegs_cuda([torch.from_numpy(b) for b in blobs], 3, self.decode_device)
@@ -495,7 +608,6 @@ class _Run:
 
     def _produce(self) -> None:
         reader = self.reader
-        size = reader.image_size
         try:
             for raw in reader._raw_batches(self.epoch, self.stop):
                 if self.stop.is_set():
@@ -507,8 +619,7 @@ class _Run:
                 else:
                     assert self.pool is not None
                     n = len(raw.blobs)
-                    images = torch.empty((n, 3, size, size), dtype=torch.uint8, pin_memory=reader.pin_memory)
-                    out = images.numpy()
+                    images, out = reader._new_batch(n)
                     # a few chunks per thread: balanced, without a future per image
                     chunk = max(1, math.ceil(n / (4 * reader.decode_threads)))
                     for start in range(0, n, chunk):

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from alexnet.data import THREAD_PREFIX, Batch, ShardReader
+from alexnet.data import THREAD_PREFIX, Batch, ShardReader, choose_jpeg_decoder, jpeg_decoders, sample_jpeg
 from pipelines import imaging, prepare
 from pipelines.imaging import ImageRecipe
 
@@ -179,13 +179,17 @@ def test_limit(datasets):
     assert len(ShardReader(datasets["jpeg"], "train", batch_size=4, shuffle=True, limit=10)) == 2  # drop_last
 
 
-@pytest.mark.parametrize("fmt,decoder", [("jpeg", "auto"), ("jpeg", "pillow"), ("raw", "auto")])
-def test_pixels_equal_decode_stored(datasets, fmt, decoder):
+@pytest.mark.parametrize("fmt,decoder,channels_last", [
+    ("jpeg", "auto", False), ("jpeg", "pillow", False), ("raw", "auto", False),
+    ("jpeg", "simplejpeg", False), ("jpeg", "simplejpeg", True), ("jpeg", "torchvision", True), ("raw", "auto", True),
+])
+def test_pixels_equal_decode_stored(datasets, fmt, decoder, channels_last):
     rows = _rows(datasets[fmt], "train")
     reader = ShardReader(datasets[fmt], "train", batch_size=8, shuffle=True, with_keys=True, decode_threads=2,
-                         jpeg_decoder=decoder)
+                         jpeg_decoder=decoder, channels_last=channels_last)
     assert reader.image_format == fmt
-    assert reader.jpeg_decoder == ("pillow" if decoder == "pillow" else "torchvision")
+    # "auto" is the decoder measured fastest here among those giving Pillow's pixels
+    assert reader.jpeg_decoder == (choose_jpeg_decoder()[0] if decoder == "auto" else decoder)
     checked = 0
     for batch in reader:
         for key, label, image in zip(batch.keys, batch.labels.tolist(), batch.images):
@@ -194,7 +198,34 @@ def test_pixels_equal_decode_stored(datasets, fmt, decoder):
             assert label == stored_label
             assert np.array_equal(image.permute(1, 2, 0).numpy(), expected), key
             checked += 1
+        assert batch.images.shape == (len(batch.keys), 3, 256, 256)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        assert batch.images.is_contiguous(memory_format=memory_format)
     assert checked == SIZES["train"]
+
+
+def test_auto_decoder_is_measured_and_pixel_identical():
+    name, timings = choose_jpeg_decoder()
+    assert "pillow" in timings and name in timings
+    assert timings[name] == min(timings.values()) < float("inf")  # the fastest of those with Pillow's pixels
+    blob = np.frombuffer(sample_jpeg(), dtype=np.uint8).copy()  # writable, as the reader's rows are
+    decoders = jpeg_decoders()
+    reference = decoders["pillow"](blob)
+    assert np.array_equal(decoders[name](blob), reference)
+
+
+def test_batches_still_held_are_not_overwritten(datasets):
+    reader = ShardReader(datasets["jpeg"], "train", batch_size=4, shuffle=False, with_keys=True, prefetch=1)
+    first = []
+    for epoch in range(2):  # the second epoch reuses the memory of the batches dropped in the first
+        kept = [(b.keys, b.images.clone(), b.images) for b in reader]
+        if epoch == 0:
+            first = [(keys, copy) for keys, copy, _ in kept]
+        for keys, copy, images in kept:  # every batch held to the end is intact
+            assert torch.equal(copy, images)
+    again = list(ShardReader(datasets["jpeg"], "train", batch_size=4, shuffle=False, with_keys=True, prefetch=1))
+    assert [(b.keys) for b in again] == [keys for keys, _ in first]
+    assert all(torch.equal(b.images, copy) for b, (_, copy) in zip(again, first))
 
 
 def test_reads_from_s3(datasets, s3_endpoint):
