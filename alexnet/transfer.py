@@ -95,8 +95,8 @@ def run_transfer(dataset: str, data: str, checkpoint: str, *, method: str, confi
     if not storage.is_s3(checkpoint):
         checkpoint = storage.absolute(checkpoint)
     check_checkpoint(checkpoint)  # a missing, foreign or crafted checkpoint fails here, before any data or Ray
-    dataset = PreparedDataset.open(data)  # read once; index, features and fine-tuning workers get this object
-    index = load_index(dataset)
+    prepared = PreparedDataset.open(data)  # read once; index, features and fine-tuning workers get this object
+    index = load_index(prepared)
     if index.dataset != dataset:
         raise ValueError(f"{data} holds {index.dataset}, not {dataset}")
     splits = protocol_splits(index, config)
@@ -106,11 +106,11 @@ def run_transfer(dataset: str, data: str, checkpoint: str, *, method: str, confi
                         use_gpu=config.use_gpu)
     test_rows = splits[0].test
     chance = chance_level(index, test_rows)
-    identity = hashlib.sha256(json.dumps([checkpoint, dataset.manifest_sha256, asdict(config)],
+    identity = hashlib.sha256(json.dumps([checkpoint, prepared.manifest_sha256, asdict(config)],
                                          sort_keys=True).encode()).hexdigest()[:10]
     test_scores: dict[str, dict[str, np.ndarray]] = {}  # per evaluation: what the devkit needs to recompute it
     if method == "probe":
-        features = extract_features(dataset, checkpoint, keys=index.keys, layers=list(config.probe_layers),
+        features = extract_features(prepared, checkpoint, keys=index.keys, layers=list(config.probe_layers),
                                     batch_size=config.feature_batch_size, use_gpu=config.use_gpu,
                                     num_actors=config.feature_actors, imagenet_stats=imagenet_stats)
         layers = {}
@@ -123,14 +123,14 @@ def run_transfer(dataset: str, data: str, checkpoint: str, *, method: str, confi
         result = {**layers[config.probe_layers[0]], "layers": layers}
     else:
         chosen = splits[: config.finetune_splits] if dataset == "caltech101" else splits
-        per_split = [{"split": s.name, **finetune(index, dataset, checkpoint, s, config,
+        per_split = [{"split": s.name, **finetune(index, prepared, checkpoint, s, config,
                                                    run_name=f"transfer-{dataset}-{s.name}-{identity}",
                                                    imagenet_stats=imagenet_stats)} for s in chosen]
         for s, r in zip(chosen, per_split):
             test_scores[f"finetune-{s.name}"] = per_image_scores(index, s.test, r.pop("scores"))
         result = summarise(dataset, method, per_split, chance, layer="all (fine-tuned)")
         log.info("%s finetune: %s %.4f", dataset, result["metric"], result["value"])
-    result.update(checkpoint=checkpoint, data=data, data_manifest_sha256=dataset.manifest_sha256,
+    result.update(checkpoint=checkpoint, data=data, data_manifest_sha256=prepared.manifest_sha256,
                   classes=index.num_classes,
                   images={s: int((index.splits == s).sum()) for s in np.unique(index.splits)},
                   elapsed_s=round(time.time() - started, 2), config=asdict(config))
