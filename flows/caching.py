@@ -47,13 +47,14 @@ class DatasetVersion(CachePolicy):
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
         from pipelines import prepare, storage
         from pipelines import stats as stats_mod
+        from pipelines.dataset import manifest_hash
 
         data = inputs[self.parameter]
         manifest_uri = storage.join(data, prepare.MANIFEST)
         stats_uri = storage.join(data, stats_mod.STATS)
         if not storage.exists(manifest_uri) or (self.stats and not storage.exists(stats_uri)):
             return f"incomplete-{uuid.uuid4().hex}"  # never a hit: the stage will report what is missing
-        parts = [sha256(storage.read_bytes(manifest_uri))]
+        parts = [manifest_hash(data)]  # the dataset's identity, defined once (pipelines.dataset)
         if self.stats:
             parts.append(storage.read_json(stats_uri).get("mean_image_sha256", ""))
         return sha256("/".join(parts).encode())

@@ -27,14 +27,13 @@ def prepare(dataset: str, raw_uri: str, data_uri: str, *, image_format: str, qua
             max_bad_fraction: float) -> dict[str, Any]:
     """``pipelines.prepare.prepare_dataset``: decode, resize, crop and shard ``raw_uri`` into ``data_uri``."""
     from pipelines import prepare as prep
-    from pipelines import storage
+    from pipelines.dataset import manifest_hash
     from pipelines.imaging import ImageRecipe
 
     manifest = prep.prepare_dataset(dataset, raw_uri, data_uri,
                                     recipe=ImageRecipe(image_format=image_format, quality=quality),
                                     shard_rows=shard_rows, max_bad_fraction=max_bad_fraction)
-    sha = hashlib.sha256(storage.read_bytes(storage.join(data_uri, prep.MANIFEST))).hexdigest()
-    return dataset_summary(manifest, data_uri, sha)
+    return dataset_summary(manifest, data_uri, manifest_hash(data_uri))
 
 
 def stats(data_uri: str) -> dict[str, Any]:
