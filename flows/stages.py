@@ -5,7 +5,6 @@ values and calls exactly one library function (the one the CLI calls); none hold
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 
