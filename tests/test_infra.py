@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import free_ports
+from tests.conftest import block_commands, free_ports, readme_blocks
 from tests.dockerignore import PatternMatcher, context_files, read_dockerignore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -412,21 +412,6 @@ def test_local_stack_start_status_stop(tmp_path):
 # --- README Tier 2, run as written against a local token-authenticated head ----------------------------------------
 
 
-def _readme_blocks(heading: str) -> list[str]:
-    """The ```bash blocks of one README section, continuation lines joined."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index(heading)
-    end = text.find("\n### ", start + len(heading))
-    section = text[start:end if end > 0 else None]
-    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
-    return [block.replace("\\\n", " ") for block in blocks]
-
-
-def _commands(block: str) -> list[str]:
-    lines = [re.sub(r"\s+#\s.*$", "", line).strip() for line in block.splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
-
-
 TIER2_TRAIN_OVERRIDES = ("train.num_workers=1", "train.use_gpu=false", "train.cpus_per_worker=1", "train.epochs=1",
                          "train.batch_size=4", "train.run_name=tier2", "tracking.log_model=false")
 
@@ -441,8 +426,8 @@ def test_readme_tier2_commands_run_against_a_token_head(token_head, tmp_path):
     because their entrypoints name the venv's interpreter, not because of the head's PATH."""
     from pipelines.synth import write_synthetic_imagenet
 
-    head_block, client_block = _readme_blocks("### Tier 2")
-    head_cmds, client_cmds = _commands(head_block), _commands(client_block)
+    head_block, client_block = readme_blocks("### Tier 2")
+    head_cmds, client_cmds = block_commands(head_block), block_commands(client_block)
     assert head_cmds == token_head["head_cmds"]  # the fixture ran this block
     assert not [c for c in head_cmds if "activate" in c]  # no venv on the head's PATH
     starts = [c for c in head_cmds if "ray start --head" in c]
