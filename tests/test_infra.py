@@ -982,9 +982,9 @@ def test_prefect_yaml_is_valid_for_prefect():
     [
         ("    tags: [alexnet, smoke]", "    tags: 5"),  # Prefect's model: a list of strings
         ("      synthetic: true", "      synthetic: maybe"),  # the flow's schema: a boolean
-        ("      shard_rows: 128", "      shard_rows: many"),
-        ("      crops: [1, 10]", "      crops: one"),
-        ("      overrides: []\n      raw_uri: /data", "      overides: []\n      raw_uri: /data"),  # no such parameter
+        ("      results_dir: runs/smoke-deployment/prefect-results", "      results_dir: [1, 2]"),  # a string
+        ("        - prepare.shard_rows=128\n", "        - 128\n"),  # overrides: a list of strings
+        ("      source_uri: null\n", "      sorce_uri: null\n"),  # no such parameter
         ("      name: alexnet-pool\n", "      name: some-pool\n"),
     ],
 )
