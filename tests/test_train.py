@@ -288,11 +288,9 @@ def test_tracking_server(remote_run):
 
 
 @pytest.mark.slow
-def test_evaluate_centre_and_ten_crops_from_the_cli(train_data, tmp_path, ray_local):
-    from alexnet.train import run_training
-
-    result = run_training(_config(train_data, tmp_path, "train.epochs=1", "train.run_name=eval",
-                                  "data.limit_train=64"), tracking=False)
+def test_evaluate_centre_and_ten_crops_from_the_cli(train_data, trained_imagenet, tmp_path):
+    # the checkpoint of the session's training run (its MLflow run is in another store: the CLI logs a new run)
+    result = trained_imagenet["result"]
     store = f"sqlite:///{tmp_path / 'eval.db'}"
     for crops in (1, 10):
         out = subprocess.run([sys.executable, "-m", "alexnet.cli", "evaluate", "--checkpoint", result.checkpoint,
