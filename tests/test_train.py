@@ -188,9 +188,9 @@ def test_training_leaves_no_placement_group_and_its_cleaner_sees_the_state_api(t
     assert not noisy, noisy
 
 
-#: The killed-and-resumed run: one step of 32 images an epoch (16 a worker), and no model logged to MLflow: what it
-#: proves is restart and resume (the ``learn`` run of ``trained_imagenet`` logs a model; serialising 61M weights
-#: twice more here proved nothing else).
+#: The killed-and-resumed run: 32 images a worker an epoch (``data.limit_*`` count per rank: 64 an epoch, two steps
+#: of the global batch 32), and no model logged to MLflow: what it proves is restart and resume (the ``learn`` run
+#: of ``trained_imagenet`` logs a model; serialising 61M weights twice more here proved nothing else).
 KILLED_RUN = ("data.limit_train=32", "data.limit_val=32", "tracking.log_model=false")
 
 
