@@ -49,8 +49,11 @@ def test_ablation_smoke_runs_every_trial_on_ray_tune(train_data, tmp_path, ray_l
     from alexnet.ablate import run_ablations
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # one step of 16 images per trial and 16 validation images (160 patches for the 10-crop row): what this proves
+    # is the machinery (six Ray Train runs as Tune trials, the 10-crop row, MLflow's parent and children)
     cfg = load_config(ROOT / "configs" / "ablate-smoke.yaml", [
-        f"data.data={train_data}", f"train.storage_path={tmp_path / 'ray'}", f"tracking.tracking_uri={store}"])
+        f"data.data={train_data}", f"train.storage_path={tmp_path / 'ray'}", f"tracking.tracking_uri={store}",
+        "data.limit_train=16", "data.limit_val=16", "train.batch_size=16"])
     result = run_ablations(cfg)
     table = result.table
     assert table["ablation"] == ROWS and all(len(column) == len(ROWS) for column in table.values())

@@ -225,6 +225,12 @@ def test_training_leaves_no_placement_group_and_its_cleaner_sees_the_state_api(t
     assert not noisy, noisy
 
 
+#: The killed-and-resumed run: 32 images a worker an epoch (``data.limit_*`` count per rank: 64 an epoch, two steps
+#: of the global batch 32), and no model logged to MLflow: what it proves is restart and resume (the ``learn`` run
+#: of ``trained_imagenet`` logs a model; serialising 61M weights twice more here proved nothing else).
+KILLED_RUN = ("data.limit_train=32", "data.limit_val=32", "tracking.log_model=false")
+
+
 def _worker_pids() -> set[int]:
     out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True)
     return {int(p) for p in out.stdout.split()}
@@ -234,8 +240,7 @@ def _worker_pids() -> set[int]:
 def test_killed_worker_resumes_from_the_last_checkpoint(train_data, tmp_path, ray_local):
     from alexnet.train import run_training
 
-    cfg = _config(train_data, tmp_path, "train.epochs=3", "train.run_name=killed", "data.limit_train=64",
-                  "data.limit_val=32", "train.max_failures=2")
+    cfg = _config(train_data, tmp_path, "train.epochs=3", "train.run_name=killed", *KILLED_RUN, "train.max_failures=2")
     run_dir = tmp_path / "ray" / "killed"
     killed: list[int] = []
 
@@ -261,55 +266,23 @@ def test_killed_worker_resumes_from_the_last_checkpoint(train_data, tmp_path, ra
     model_from_checkpoint(load_checkpoint(result.checkpoint))
 
     # rerunning the same run name resumes: two more epochs, not five
-    more = run_training(_config(train_data, tmp_path, "train.epochs=5", "train.run_name=killed",
-                                "data.limit_train=64", "data.limit_val=32"))
+    more = run_training(_config(train_data, tmp_path, "train.epochs=5", "train.run_name=killed", *KILLED_RUN))
     assert [h["epoch"] for h in more.history] == [1, 2, 3, 4, 5]
     assert more.history[:3] == result.history
 
 
-@pytest.mark.slow
-def test_checkpoints_on_s3(train_data, tmp_path, s3_endpoint, ray_local):
+@pytest.fixture(scope="module")
+def remote_run(train_data, s3_endpoint, ray_local, tmp_path_factory):
+    """One training run against both remote ends: checkpoints on S3 (moto on loopback) and tracking on an MLflow
+    tracking server (a real ``mlflow server``), shared by the two tests below (a Ray Train run each cost the same
+    start-up twice)."""
+    import socket
+
     import boto3
 
     from alexnet.train import run_training
 
-    boto3.client("s3").create_bucket(Bucket="alexnet-runs")
-    cfg = _config(train_data, tmp_path, "train.epochs=1", "train.run_name=s3run", "data.limit_train=32",
-                  "data.limit_val=16", "train.storage_path=s3://alexnet-runs/ray")
-    result = run_training(cfg, tracking=False)
-    assert result.checkpoint.startswith("s3://alexnet-runs/ray/s3run/")
-    state = load_checkpoint(result.checkpoint)
-    assert state["epoch"] == 1
-
-
-@pytest.mark.slow
-def test_evaluate_centre_and_ten_crops_from_the_cli(train_data, tmp_path, ray_local):
-    from alexnet.train import run_training
-
-    result = run_training(_config(train_data, tmp_path, "train.epochs=1", "train.run_name=eval",
-                                  "data.limit_train=64"), tracking=False)
-    store = f"sqlite:///{tmp_path / 'eval.db'}"
-    for crops in (1, 10):
-        out = subprocess.run([sys.executable, "-m", "alexnet.cli", "evaluate", "--checkpoint", result.checkpoint,
-                              "--data", train_data, "--crops", str(crops), "--limit", "40"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=600,
-                             env={**os.environ, "MLFLOW_TRACKING_URI": store})
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert f"({crops} crop" in out.stdout and "top-1 error" in out.stdout
-        payload = json.loads(out.stdout[out.stdout.index("{"):])
-        assert payload["crops"] == crops and payload["images"] == 40
-        assert 0 <= payload["top5_err"] <= payload["top1_err"] <= 1
-        run = mlflow.MlflowClient(store).get_run(payload["logged_to_mlflow_run"])
-        assert run.data.metrics[f"eval_val_{crops}crop_top1_err"] == payload["top1_err"]
-
-
-@pytest.mark.slow
-def test_tracking_server(train_data, tmp_path, ray_local):
-    """The same training logs to an MLflow tracking server (not only to a local store)."""
-    import socket
-
-    from alexnet.train import run_training
-
+    tmp_path = tmp_path_factory.mktemp("remote")
     (port,) = free_ports(1)
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
@@ -325,12 +298,47 @@ def test_tracking_server(train_data, tmp_path, ray_local):
                     break
             except OSError:
                 time.sleep(0.5)
-        cfg = _config(train_data, tmp_path, "train.epochs=1", "train.run_name=server", "data.limit_train=32",
-                      "data.limit_val=16", f"tracking.tracking_uri={uri}", "tracking.log_model=false")
-        result = run_training(cfg)
-        run = mlflow.MlflowClient(uri).get_run(result.mlflow_run_id)
-        assert run.info.status == "FINISHED" and "val_top1_err" in run.data.metrics
-        assert any(a.path == "curves.png" for a in mlflow.MlflowClient(uri).list_artifacts(result.mlflow_run_id))
+        boto3.client("s3").create_bucket(Bucket="alexnet-runs")
+        cfg = _config(train_data, tmp_path, "train.epochs=1", "train.run_name=s3run", "data.limit_train=32",
+                      "data.limit_val=16", "train.storage_path=s3://alexnet-runs/ray", f"tracking.tracking_uri={uri}",
+                      "tracking.log_model=false")
+        yield {"result": run_training(cfg), "uri": uri}
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_checkpoints_on_s3(remote_run):
+    result = remote_run["result"]
+    assert result.checkpoint.startswith("s3://alexnet-runs/ray/s3run/")
+    state = load_checkpoint(result.checkpoint)
+    assert state["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_tracking_server(remote_run):
+    """The same training logs to an MLflow tracking server (not only to a local store)."""
+    result, uri = remote_run["result"], remote_run["uri"]
+    run = mlflow.MlflowClient(uri).get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and "val_top1_err" in run.data.metrics
+    assert any(a.path == "curves.png" for a in mlflow.MlflowClient(uri).list_artifacts(result.mlflow_run_id))
+
+
+@pytest.mark.slow
+def test_evaluate_centre_and_ten_crops_from_the_cli(train_data, trained_imagenet, tmp_path):
+    # the checkpoint of the session's training run (its MLflow run is in another store: the CLI logs a new run)
+    result = trained_imagenet["result"]
+    store = f"sqlite:///{tmp_path / 'eval.db'}"
+    for crops in (1, 10):
+        out = subprocess.run([sys.executable, "-m", "alexnet.cli", "evaluate", "--checkpoint", result.checkpoint,
+                              "--data", train_data, "--crops", str(crops), "--limit", "40"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "MLFLOW_TRACKING_URI": store})
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert f"({crops} crop" in out.stdout and "top-1 error" in out.stdout
+        payload = json.loads(out.stdout[out.stdout.index("{"):])
+        assert payload["crops"] == crops and payload["images"] == 40
+        assert 0 <= payload["top5_err"] <= payload["top1_err"] <= 1
+        run = mlflow.MlflowClient(store).get_run(payload["logged_to_mlflow_run"])
+        assert run.data.metrics[f"eval_val_{crops}crop_top1_err"] == payload["top1_err"]
