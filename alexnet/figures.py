@@ -164,7 +164,7 @@ class NearestNeighbours:
         self.keys = np.take_along_axis(names, order, axis=1)
 
 
-def _stored_images(data: str, split: str, keys: list[str]) -> dict[str, tuple[int, np.ndarray]]:
+def stored_images(data: str, split: str, keys: list[str]) -> dict[str, tuple[int, np.ndarray]]:
     """``{key: (label, HWC uint8)}`` for ``keys`` of ``split``: reads the key column of every shard, then only
     the row groups that hold one of ``keys``."""
     import pyarrow.parquet as pq
@@ -226,7 +226,7 @@ def nearest_neighbours(checkpoint: str, data: str, *, queries: list[str], k: int
     manifest = prepare.load_manifest(data)
     words = {c["label"]: c.get("words") or c["wnid"] for c in manifest["classes"]}
     backbone = load_backbone(checkpoint, imagenet_stats=data)
-    stored = _stored_images(data, "val", queries)
+    stored = stored_images(data, "val", queries)
     images = torch.from_numpy(np.stack([stored[q][1] for q in queries]).transpose(0, 3, 1, 2).copy())
     with torch.no_grad():
         taps = backbone.model.eval().forward_taps(backbone.augmentation.eval_center(images), ["fc7", "fc8"])
@@ -239,7 +239,7 @@ def nearest_neighbours(checkpoint: str, data: str, *, queries: list[str], k: int
                                  ray_address=ray_address):
         nearest.update(batch["key"], batch["fc7"])
         seen += len(batch["key"])
-    train = _stored_images(data, "train", sorted(set(nearest.keys.ravel().tolist())))
+    train = stored_images(data, "train", sorted(set(nearest.keys.ravel().tolist())))
     rows = []
     for i, q in enumerate(queries):
         label = stored[q][0]

@@ -133,7 +133,7 @@ def _check_jpeg_complete(data: bytes, img: Image.Image) -> None:
             raise reject from None
 
 
-def _decode_turbo(data: bytes, min_side: int | None) -> tuple[Image.Image, tuple[int, int]] | bool:
+def decode_turbo(data: bytes, min_side: int | None) -> tuple[Image.Image, tuple[int, int]] | bool:
     """libjpeg-turbo's decode of a plain 8-bit JPEG at Pillow's draft scale; ``False``/``True``: leave the file to
     Pillow (``True``: libjpeg-turbo decoded its data and found no sign of it being cut short).
 
@@ -172,7 +172,7 @@ def _decode(data: bytes, min_side: int | None, decoder: str = "turbo") -> tuple[
         raise DecodeError("empty file (0 bytes)")
     checked = False
     if decoder == "turbo":
-        decoded = _decode_turbo(data, min_side)
+        decoded = decode_turbo(data, min_side)
         if not isinstance(decoded, bool):
             return decoded
         checked = decoded

@@ -235,7 +235,7 @@ def test_figures_cli_writes_and_logs_figures_3_4_and_the_curves(fresh_checkpoint
     import mlflow
 
     from alexnet.cli import main
-    from alexnet.figures import _stored_images
+    from alexnet.figures import stored_images
     from alexnet.transfer import load_backbone
     from pipelines import prepare
 
@@ -268,8 +268,8 @@ def test_figures_cli_writes_and_logs_figures_3_4_and_the_curves(fresh_checkpoint
     q = figures["queries"][0]
     first = q["neighbours"][0]
     backbone = load_backbone(fresh_checkpoint, imagenet_stats=train_data)
-    pair = [_stored_images(train_data, "val", [q["key"]])[q["key"]][1],
-            _stored_images(train_data, "train", [first["key"]])[first["key"]][1]]
+    pair = [stored_images(train_data, "val", [q["key"]])[q["key"]][1],
+            stored_images(train_data, "train", [first["key"]])[first["key"]][1]]
     x = backbone.augmentation.eval_center(torch.from_numpy(np.stack(pair).transpose(0, 3, 1, 2).copy()))
     with torch.no_grad():
         fc7 = backbone.model.forward_features(x, "fc7")

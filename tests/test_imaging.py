@@ -137,7 +137,7 @@ def test_turbo_decoder_gives_pillows_pixels(w, h, kw):
         pillow, size_p = imaging.preprocess(data, ImageRecipe(draft=draft, image_format="raw", decoder="pillow"))
         assert size_t == size_p == (w, h)
         assert turbo == pillow  # byte for byte
-    assert not isinstance(imaging._decode_turbo(data, 256), bool)  # ... and libjpeg-turbo really decoded it
+    assert not isinstance(imaging.decode_turbo(data, 256), bool)  # ... and libjpeg-turbo really decoded it
     for min_side in (None, 256):
         a, b = imaging.decode(data, min_side=min_side), imaging.decode(data, min_side=min_side, decoder="pillow")
         assert a.mode == b.mode == "RGB" and a.size == b.size
@@ -146,7 +146,7 @@ def test_turbo_decoder_gives_pillows_pixels(w, h, kw):
 
 def test_turbo_decoder_gives_pillows_pixels_for_grayscale_and_stored_jpegs():
     gray = _encode(_photo_like(300, 280).convert("L"))
-    assert not isinstance(imaging._decode_turbo(gray, 256), bool)
+    assert not isinstance(imaging.decode_turbo(gray, 256), bool)
     assert imaging.decode(gray).tobytes() == imaging.decode(gray, decoder="pillow").tobytes()
     raw, _ = imaging.preprocess(gray, ImageRecipe(image_format="raw"))
     assert raw == imaging.preprocess(gray, ImageRecipe(image_format="raw", decoder="pillow"))[0]
@@ -162,7 +162,7 @@ def test_turbo_decoder_leaves_unusual_files_to_pillow():
     png = _encode(rgb, "PNG")
     truncated = _encode(rgb)[:2000]
     for data in (cmyk, png, truncated, b"\xff\xd8\xff garbage"):
-        assert imaging._decode_turbo(data, 256) in (False, True)  # not an image: Pillow decides
+        assert imaging.decode_turbo(data, 256) in (False, True)  # not an image: Pillow decides
     assert imaging.decode(cmyk).tobytes() == imaging.decode(cmyk, decoder="pillow").tobytes()
     assert imaging.decode(png).tobytes() == rgb.tobytes()
     for decoder in ("turbo", "pillow"):  # the same reasons for what cannot be decoded
