@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from alexnet.results import PAPER_VAL_ERRORS
+from alexnet.results import PAPER_VAL_ERRORS, class_tables
 from pipelines.dataset import PreparedDataset
 
 log = logging.getLogger(__name__)
@@ -69,20 +69,6 @@ class ClassTally:
                           "predicted_wnid": by_label.get(p, {}).get("wnid", ""),
                           "predicted_words": by_label.get(p, {}).get("words", ""), "count": count})
         return pairs
-
-
-def class_tables(result: dict[str, Any]) -> dict[str, dict[str, list[Any]]]:
-    """The per-class error table and the most confused pairs of an ``evaluate_checkpoint`` result, as columns
-    (``MlflowClient.log_table``'s ``data``), by artifact name: ``per_class_<split>_<crops>crop.json`` and
-    ``confused_pairs_<split>_<crops>crop.json``."""
-    suffix = f"{result['split']}_{result['crops']}crop"
-    tables = {}
-    for key, columns in (("per_class", ("label", "wnid", "words", "images", "top1_err", "top5_err")),
-                         ("confused_pairs", ("true_label", "true_wnid", "true_words", "predicted_label",
-                                             "predicted_wnid", "predicted_words", "count"))):
-        rows = result.get(key) or []
-        tables[f"{key}_{suffix}.json"] = {c: [row[c] for row in rows] for c in columns}
-    return tables
 
 
 def evaluate_checkpoint(

@@ -90,3 +90,17 @@ def format_report(summary: dict[str, Any]) -> str:
                  f"{ml['experiment']!r} at {ml['tracking_uri']}")
     lines.append(f"open the UI: {ml['ui']}")
     return "\n".join(lines)
+
+
+def class_tables(result: dict[str, Any]) -> dict[str, dict[str, list[Any]]]:
+    """The per-class error table and the most confused pairs of an ``evaluate_checkpoint`` result, as columns
+    (``MlflowClient.log_table``'s ``data``), by artifact name: ``per_class_<split>_<crops>crop.json`` and
+    ``confused_pairs_<split>_<crops>crop.json``."""
+    suffix = f"{result['split']}_{result['crops']}crop"
+    tables = {}
+    for key, columns in (("per_class", ("label", "wnid", "words", "images", "top1_err", "top5_err")),
+                         ("confused_pairs", ("true_label", "true_wnid", "true_words", "predicted_label",
+                                             "predicted_wnid", "predicted_words", "count"))):
+        rows = result.get(key) or []
+        tables[f"{key}_{suffix}.json"] = {c: [row[c] for row in rows] for c in columns}
+    return tables

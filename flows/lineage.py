@@ -10,7 +10,7 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from alexnet.results import PAPER_VAL_ERRORS, csv_text, imagenet_table, markdown
+from alexnet.results import PAPER_VAL_ERRORS, class_tables, csv_text, imagenet_table, markdown
 from pipelines.redact import redact_text
 
 
@@ -73,7 +73,11 @@ class Lineage:
             metrics += [Metric(f"val_top1_err_{crops}crop", e["top1_err"], now, 0),
                         Metric(f"val_top5_err_{crops}crop", e["top5_err"], now, 0)]
         client.log_batch(run_id, metrics=metrics)
-        self.log_table(run_id, table, "results", {"evaluations": evaluations, "paper_1cnn_10crop": PAPER_VAL_ERRORS})
+        summaries = {c: {k: v for k, v in e.items() if k != "per_class"} for c, e in evaluations.items()}
+        self.log_table(run_id, table, "results", {"evaluations": summaries, "paper_1cnn_10crop": PAPER_VAL_ERRORS})
+        for e in evaluations.values():  # the per-class error table and the most confused pairs, as `alexnet evaluate`
+            for name, columns in class_tables(e).items():
+                client.log_table(run_id, data=columns, artifact_file=name)
         if training_run_id:
             try:
                 client.log_batch(training_run_id, metrics=[

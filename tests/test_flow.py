@@ -336,6 +336,10 @@ def test_mlflow_holds_the_parent_run_a_child_per_stage_and_the_results_table(flo
                                                                                     abs=1e-4)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.json", "results.md", "results.csv", "results_table.json", "summary.json"} <= artifacts
+    assert {"per_class_val_10crop.json", "confused_pairs_val_10crop.json"} <= artifacts  # as `alexnet evaluate`
+    per_class = json.loads(Path(client.download_artifacts(parent.info.run_id, "per_class_val_10crop.json")).read_text())
+    assert len(per_class["data"]) == round(1 / (1 - summary["chance_top1_error"]))  # a row per class
+    assert "wnid" in per_class["columns"] and "top1_err" in per_class["columns"]
     results = json.loads(Path(client.download_artifacts(parent.info.run_id, "results.json")).read_text())
     assert [r["crops"] for r in results["results"]] == [1, 10, 10]
     assert results["results"][-1]["top1_err_pct"] == 40.7 and results["results"][-1]["top5_err_pct"] == 18.2
