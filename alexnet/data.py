@@ -51,11 +51,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import queue
 import threading
 import weakref
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -66,25 +64,13 @@ import torch
 from alexnet.augment import BufferPool
 from alexnet.jpeg import (JPEG_DECODERS, choose_jpeg_decoder, decode_pillow, jpeg_decoders, sample_jpeg, simplejpeg,
                           torchvision_jpeg_op)
+from alexnet.prefetch import THREAD_PREFIX, Batch, EpochRun
 from pipelines import storage
 from pipelines.dataset import PreparedDataset
 
-__all__ = ["Batch", "ShardReader", "choose_jpeg_decoder", "jpeg_decoders", "sample_jpeg"]
+__all__ = ["THREAD_PREFIX", "Batch", "ShardReader", "choose_jpeg_decoder", "jpeg_decoders", "sample_jpeg"]
 
 log = logging.getLogger(__name__)
-
-#: Name prefix of every thread the reader starts (the tests look for leftovers by it).
-THREAD_PREFIX = "alexnet-data"
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """One batch: ``images`` uint8 ``[N, 3, H, W]`` RGB (pinned memory when asked for), ``labels`` int64 ``[N]``,
-    ``keys`` the rows' ``key`` column when the reader was built with ``with_keys=True``."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    keys: list[str] | None = None
-
 
 @dataclasses.dataclass(frozen=True)
 class _Unit:
@@ -109,14 +95,6 @@ class _RawBatch:
     blobs: list[np.ndarray]
     labels: list[int]
     keys: list[str] | None
-
-
-_END = object()
-
-
-class _Failure:
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
 
 
 def _default_threads() -> int:
@@ -238,7 +216,7 @@ class ShardReader:
                 raise ValueError("decode_device applies to JPEG datasets only")
             if self._tv_decode is None or not hasattr(torch.ops.image, "decode_jpegs_cuda"):
                 raise ValueError(f"decode_device={decode_device!r} needs torchvision's nvJPEG kernel")
-        self._runs: weakref.WeakSet[_Run] = weakref.WeakSet()
+        self._runs: weakref.WeakSet[EpochRun] = weakref.WeakSet()
         self._meta: dict[int, pq.FileMetaData] = {}  # shard footers, read once each
         self._meta_lock = threading.Lock()
         self._uris = dataset.shard_uris(split)
@@ -311,7 +289,7 @@ class ShardReader:
         return math.ceil(self.num_rows / self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        run = _Run(self, self.epoch)
+        run = EpochRun(self, self.epoch)
         self._runs.add(run)
         return run.batches()
 
@@ -401,7 +379,7 @@ class ShardReader:
         for i in rng.permutation(len(buffer)).tolist():
             yield buffer[i]
 
-    def _raw_batches(self, epoch: int, stop: threading.Event) -> Iterator[_RawBatch]:
+    def raw_batches(self, epoch: int, stop: threading.Event) -> Iterator[_RawBatch]:
         remaining = self.num_rows
         batch = _RawBatch([], [], [] if self.with_keys else None)
         for blob, label, key in self._shuffled_rows(epoch, stop):
@@ -422,7 +400,7 @@ class ShardReader:
 
     # -- decoding ------------------------------------------------------------------------------------------------
 
-    def _decode_into(self, out: np.ndarray, blobs: list[np.ndarray]) -> None:
+    def decode_into(self, out: np.ndarray, blobs: list[np.ndarray]) -> None:
         """Decode ``blobs`` into ``out``, a view of the batch: uint8 ``[len(blobs), S, S, 3]`` for channels-last
         batches, ``[len(blobs), 3, S, S]`` otherwise."""
         size = self.image_size
@@ -458,7 +436,7 @@ class ShardReader:
                 )
             np.copyto(dst, image if hwc else image.transpose(2, 0, 1))
 
-    def _new_batch(self, n: int) -> tuple[torch.Tensor, np.ndarray]:
+    def new_batch(self, n: int) -> tuple[torch.Tensor, np.ndarray]:
         """(the batch tensor ``[n, 3, S, S]``, the array the decode threads write: NHWC or NCHW)."""
         size = self.image_size
         shape = (n, size, size, 3) if self.channels_last else (n, 3, size, size)
@@ -469,95 +447,6 @@ class ShardReader:
         images = memory.permute(0, 3, 1, 2) if self.channels_last else memory
         return images, memory.numpy()
 
-    def _decode_on_device(self, blobs: list[np.ndarray]) -> torch.Tensor:  # pragma: no cover - needs a GPU
+    def decode_on_device(self, blobs: list[np.ndarray]) -> torch.Tensor:  # pragma: no cover - needs a GPU
         images = torch.ops.image.decode_jpegs_cuda([torch.from_numpy(b) for b in blobs], 3, self.decode_device)
         return torch.stack(images)
-
-
-class _Run:
-    """One iteration over an epoch: a producer thread (read, shuffle, batch, submit decoding) and a decode pool,
-    handing batches to the consuming generator through a bounded queue."""
-
-    def __init__(self, reader: ShardReader, epoch: int) -> None:
-        self.reader, self.epoch = reader, epoch
-        self.stop = threading.Event()
-        self.queue: queue.Queue = queue.Queue(maxsize=reader.prefetch)
-        self.pool: ThreadPoolExecutor | None = None
-        self.thread: threading.Thread | None = None
-        self.closed = False
-
-    def batches(self) -> Iterator[Batch]:
-        reader = self.reader
-        if reader.decode_device.type == "cpu" and reader.image_format == "jpeg":
-            self.pool = ThreadPoolExecutor(reader.decode_threads, thread_name_prefix=f"{THREAD_PREFIX}-decode")
-        elif reader.decode_device.type == "cpu":  # raw: a copy per image, not worth more than a couple of threads
-            self.pool = ThreadPoolExecutor(min(2, reader.decode_threads), thread_name_prefix=f"{THREAD_PREFIX}-decode")
-        self.thread = threading.Thread(target=self._produce, name=f"{THREAD_PREFIX}-producer", daemon=True)
-        self.thread.start()
-        try:
-            while not self.closed:
-                item = self.queue.get()
-                if item is _END:
-                    return
-                if isinstance(item, _Failure):
-                    raise item.error
-                images, labels, keys, futures = item
-                for future in futures:
-                    future.result()
-                yield Batch(images, labels, keys)
-        finally:
-            self.close()
-
-    def _put(self, item: object) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self) -> None:
-        reader = self.reader
-        try:
-            for raw in reader._raw_batches(self.epoch, self.stop):
-                if self.stop.is_set():
-                    return
-                labels = torch.tensor(raw.labels, dtype=torch.int64)
-                futures: list[Future] = []
-                if reader.decode_device.type != "cpu":
-                    images = reader._decode_on_device(raw.blobs)
-                else:
-                    assert self.pool is not None
-                    n = len(raw.blobs)
-                    images, out = reader._new_batch(n)
-                    # a few chunks per thread: balanced, without a future per image
-                    chunk = max(1, math.ceil(n / (4 * reader.decode_threads)))
-                    for start in range(0, n, chunk):
-                        part = slice(start, start + chunk)
-                        futures.append(self.pool.submit(reader._decode_into, out[part], raw.blobs[part]))
-                if not self._put((images, labels, raw.keys, futures)):
-                    return
-            self._put(_END)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            self._put(_Failure(e))
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.stop.set()
-        try:  # unblock a producer waiting on a full queue
-            while True:
-                self.queue.get_nowait()
-        except queue.Empty:
-            pass
-        if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join()
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-        # a consumer suspended in this run (closed from outside, e.g. by ``with reader:``) ends its iteration
-        try:
-            self.queue.put_nowait(_END)
-        except queue.Full:  # pragma: no cover - drained above, and the producer has stopped
-            pass

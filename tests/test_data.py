@@ -264,7 +264,7 @@ def test_errors_reach_the_consumer_and_stop_the_threads(datasets, monkeypatch):
     def broken(out, blobs):
         raise ValueError("corrupt image")
 
-    monkeypatch.setattr(reader, "_decode_into", broken)
+    monkeypatch.setattr(reader, "decode_into", broken)
     with pytest.raises(ValueError, match="corrupt image"):
         next(iter(reader))
     assert _no_threads_left()
