@@ -162,6 +162,23 @@ def train_data(ray_local, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def reader_shards(ray_local, tmp_path_factory) -> dict[str, str]:
+    """The same synthetic ImageNet prepared as JPEG and as raw shards of 10 rows (train 5 shards, val 2): the
+    shard reader's tests and the GPU-input benchmark's CPU run read it (sizes: ``tests/test_data.py`` SIZES)."""
+    from pipelines import prepare
+    from pipelines.imaging import ImageRecipe
+    from pipelines.synth import write_synthetic_imagenet
+
+    root = tmp_path_factory.mktemp("data-reader")
+    write_synthetic_imagenet(root / "src", classes=4, train_per_class=12, val_per_class=4, size=160, quirks=False)
+    out = {}
+    for fmt in ("jpeg", "raw"):
+        out[fmt] = str(root / fmt)
+        prepare.prepare_imagenet(str(root / "src"), out[fmt], shard_rows=10, recipe=ImageRecipe(image_format=fmt))
+    return out
+
+
+@pytest.fixture(scope="session")
 def trained_imagenet(train_data, tmp_path_factory) -> dict:
     """The smoke preset trained 3 epochs by 2 Ray Train workers on ``train_data`` (run ``learn``): the
     training tests check it learned and logged; the transfer tests transfer from its checkpoint."""

@@ -14,25 +14,10 @@ import torch
 
 from alexnet.data import THREAD_PREFIX, Batch, ShardReader, choose_jpeg_decoder, jpeg_decoders, sample_jpeg
 from pipelines import imaging, prepare
-from pipelines.imaging import ImageRecipe
 
 pytestmark = pytest.mark.slow
 
 SIZES = {"train": 48, "val": 16}  # classes=4 x (12 train, 4 val)
-
-
-@pytest.fixture(scope="module")
-def datasets(ray_local, tmp_path_factory) -> dict[str, str]:
-    """The same synthetic ImageNet prepared as JPEG and as raw shards of 10 rows (train 5 shards, val 2)."""
-    from pipelines.synth import write_synthetic_imagenet
-
-    root = tmp_path_factory.mktemp("data-reader")
-    write_synthetic_imagenet(root / "src", classes=4, train_per_class=12, val_per_class=4, size=160, quirks=False)
-    out = {}
-    for fmt in ("jpeg", "raw"):
-        out[fmt] = str(root / fmt)
-        prepare.prepare_imagenet(str(root / "src"), out[fmt], shard_rows=10, recipe=ImageRecipe(image_format=fmt))
-    return out
 
 
 def _rows(data: str, split: str) -> dict[str, tuple[int, bytes]]:
@@ -58,8 +43,8 @@ def _no_threads_left(timeout: float = 5.0) -> bool:
     return not _our_threads()
 
 
-def test_shapes_and_dtypes(datasets):
-    reader = ShardReader(datasets["jpeg"], "train", batch_size=8, shuffle=True)
+def test_shapes_and_dtypes(reader_shards):
+    reader = ShardReader(reader_shards["jpeg"], "train", batch_size=8, shuffle=True)
     batches = list(reader)
     assert len(batches) == len(reader) == SIZES["train"] // 8
     batch = batches[0]
@@ -71,11 +56,11 @@ def test_shapes_and_dtypes(datasets):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_val_epoch_covers_every_row_once(datasets, world_size):
-    rows = _rows(datasets["jpeg"], "val")
+def test_val_epoch_covers_every_row_once(reader_shards, world_size):
+    rows = _rows(reader_shards["jpeg"], "val")
     seen, labels = [], {}
     for rank in range(world_size):
-        reader = ShardReader(datasets["jpeg"], "val", batch_size=3, rank=rank, world_size=world_size,
+        reader = ShardReader(reader_shards["jpeg"], "val", batch_size=3, rank=rank, world_size=world_size,
                              shuffle=False, with_keys=True)
         count = 0
         for batch in reader:
@@ -88,14 +73,14 @@ def test_val_epoch_covers_every_row_once(datasets, world_size):
     assert labels == {k: label for k, (label, _) in rows.items()}
 
 
-def test_plan_partitions_rows_for_many_world_sizes(datasets):
+def test_plan_partitions_rows_for_many_world_sizes(reader_shards):
     """The manifest-only plan: without shuffling every row exactly once; shuffled, disjoint and equal sizes."""
     for world_size in range(1, 9):
         for shuffle in (False, True):
             covered: list[tuple[int, int, int]] = []
             sizes = []
             for rank in range(world_size):
-                reader = ShardReader(datasets["jpeg"], "train", batch_size=1, rank=rank, world_size=world_size,
+                reader = ShardReader(reader_shards["jpeg"], "train", batch_size=1, rank=rank, world_size=world_size,
                                      shuffle=shuffle)
                 pieces = reader._pieces(epoch=3)
                 rows = [(p.unit.shard, p.unit.group, i) for p in pieces for i in range(p.start, p.stop)]
@@ -109,30 +94,30 @@ def test_plan_partitions_rows_for_many_world_sizes(datasets):
                 assert len(covered) == SIZES["train"]
 
 
-def test_shuffled_epochs_are_reproducible_and_differ(datasets):
+def test_shuffled_epochs_are_reproducible_and_differ(reader_shards):
     def epoch_keys(epoch: int, seed: int = 0) -> list[str]:
-        reader = ShardReader(datasets["jpeg"], "train", batch_size=4, shuffle=True, seed=seed, with_keys=True,
+        reader = ShardReader(reader_shards["jpeg"], "train", batch_size=4, shuffle=True, seed=seed, with_keys=True,
                              shuffle_buffer=16)
         reader.set_epoch(epoch)
         return _keys(reader)
 
     first = epoch_keys(0)
     assert epoch_keys(0) == first
-    assert sorted(first) == sorted(_rows(datasets["jpeg"], "train"))  # one rank, 48 rows, batch 4: all of them
+    assert sorted(first) == sorted(_rows(reader_shards["jpeg"], "train"))  # one rank, 48 rows, batch 4: all of them
     assert epoch_keys(1) != first
     assert epoch_keys(0, seed=1) != first
     # the same batch pixels too, not just the same keys
-    a = next(iter(ShardReader(datasets["jpeg"], "train", batch_size=4, shuffle=True)))
-    b = next(iter(ShardReader(datasets["jpeg"], "train", batch_size=4, shuffle=True)))
+    a = next(iter(ShardReader(reader_shards["jpeg"], "train", batch_size=4, shuffle=True)))
+    b = next(iter(ShardReader(reader_shards["jpeg"], "train", batch_size=4, shuffle=True)))
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
 
 
-def test_ranks_disjoint_with_equal_batch_counts(datasets):
+def test_ranks_disjoint_with_equal_batch_counts(reader_shards):
     for world_size in (2, 3, 5):
         for epoch in (0, 1):
             keys, lengths = [], []
             for rank in range(world_size):
-                reader = ShardReader(datasets["jpeg"], "train", batch_size=4, rank=rank, world_size=world_size,
+                reader = ShardReader(reader_shards["jpeg"], "train", batch_size=4, rank=rank, world_size=world_size,
                                      shuffle=True, with_keys=True, seed=7)
                 reader.set_epoch(epoch)
                 batches = list(reader)
@@ -156,9 +141,9 @@ def test_ranks_disjoint_with_equal_batch_counts(datasets):
         ("val", 3, 1, False, None, 7),
     ],
 )
-def test_len_matches_iteration(datasets, split, batch_size, world_size, shuffle, drop_last, limit):
+def test_len_matches_iteration(reader_shards, split, batch_size, world_size, shuffle, drop_last, limit):
     for rank in range(world_size):
-        reader = ShardReader(datasets["jpeg"], split, batch_size=batch_size, rank=rank, world_size=world_size,
+        reader = ShardReader(reader_shards["jpeg"], split, batch_size=batch_size, rank=rank, world_size=world_size,
                              shuffle=shuffle, drop_last=drop_last, limit=limit)
         sizes = [len(b.labels) for b in reader]
         assert len(sizes) == len(reader)
@@ -169,23 +154,23 @@ def test_len_matches_iteration(datasets, split, batch_size, world_size, shuffle,
             assert set(sizes) <= {batch_size}
 
 
-def test_limit(datasets):
-    reader = ShardReader(datasets["jpeg"], "train", batch_size=4, shuffle=False, limit=10, with_keys=True)
+def test_limit(reader_shards):
+    reader = ShardReader(reader_shards["jpeg"], "train", batch_size=4, shuffle=False, limit=10, with_keys=True)
     assert reader.num_rows == 10 and len(reader) == 3
     keys = _keys(reader)
     assert len(keys) == 10
-    full = _keys(ShardReader(datasets["jpeg"], "train", batch_size=4, shuffle=False, with_keys=True))
+    full = _keys(ShardReader(reader_shards["jpeg"], "train", batch_size=4, shuffle=False, with_keys=True))
     assert keys == full[:10]  # unshuffled, the limit keeps the first rows
-    assert len(ShardReader(datasets["jpeg"], "train", batch_size=4, shuffle=True, limit=10)) == 2  # drop_last
+    assert len(ShardReader(reader_shards["jpeg"], "train", batch_size=4, shuffle=True, limit=10)) == 2  # drop_last
 
 
 @pytest.mark.parametrize("fmt,decoder,channels_last", [
     ("jpeg", "auto", False), ("jpeg", "pillow", False), ("raw", "auto", False),
     ("jpeg", "simplejpeg", False), ("jpeg", "simplejpeg", True), ("jpeg", "torchvision", True), ("raw", "auto", True),
 ])
-def test_pixels_equal_decode_stored(datasets, fmt, decoder, channels_last):
-    rows = _rows(datasets[fmt], "train")
-    reader = ShardReader(datasets[fmt], "train", batch_size=8, shuffle=True, with_keys=True, decode_threads=2,
+def test_pixels_equal_decode_stored(reader_shards, fmt, decoder, channels_last):
+    rows = _rows(reader_shards[fmt], "train")
+    reader = ShardReader(reader_shards[fmt], "train", batch_size=8, shuffle=True, with_keys=True, decode_threads=2,
                          jpeg_decoder=decoder, channels_last=channels_last)
     assert reader.image_format == fmt
     # "auto" is the decoder measured fastest here among those giving Pillow's pixels
@@ -214,8 +199,8 @@ def test_auto_decoder_is_measured_and_pixel_identical():
     assert np.array_equal(decoders[name](blob), reference)
 
 
-def test_batches_still_held_are_not_overwritten(datasets):
-    reader = ShardReader(datasets["jpeg"], "train", batch_size=4, shuffle=False, with_keys=True, prefetch=1)
+def test_batches_still_held_are_not_overwritten(reader_shards):
+    reader = ShardReader(reader_shards["jpeg"], "train", batch_size=4, shuffle=False, with_keys=True, prefetch=1)
     first = []
     for epoch in range(2):  # the second epoch reuses the memory of the batches dropped in the first
         kept = [(b.keys, b.images.clone(), b.images) for b in reader]
@@ -223,23 +208,23 @@ def test_batches_still_held_are_not_overwritten(datasets):
             first = [(keys, copy) for keys, copy, _ in kept]
         for keys, copy, images in kept:  # every batch held to the end is intact
             assert torch.equal(copy, images)
-    again = list(ShardReader(datasets["jpeg"], "train", batch_size=4, shuffle=False, with_keys=True, prefetch=1))
+    again = list(ShardReader(reader_shards["jpeg"], "train", batch_size=4, shuffle=False, with_keys=True, prefetch=1))
     assert [(b.keys) for b in again] == [keys for keys, _ in first]
     assert all(torch.equal(b.images, copy) for b, (_, copy) in zip(again, first))
 
 
-def test_reads_from_s3(datasets, s3_endpoint):
+def test_reads_from_s3(reader_shards, s3_endpoint):
     from tests.conftest import upload_tree
 
-    uri = upload_tree(Path(datasets["jpeg"]), "alexnet-data-reader", "prepared")
-    local = ShardReader(datasets["jpeg"], "val", batch_size=5, shuffle=False, with_keys=True)
+    uri = upload_tree(Path(reader_shards["jpeg"]), "alexnet-data-reader", "prepared")
+    local = ShardReader(reader_shards["jpeg"], "val", batch_size=5, shuffle=False, with_keys=True)
     remote = ShardReader(uri, "val", batch_size=5, shuffle=False, with_keys=True)
     for a, b in zip(local, remote, strict=True):
         assert a.keys == b.keys and torch.equal(a.labels, b.labels) and torch.equal(a.images, b.images)
 
 
-def test_abandoned_iterator_leaves_no_thread(datasets):
-    reader = ShardReader(datasets["jpeg"], "train", batch_size=2, shuffle=True, prefetch=2, decode_threads=2)
+def test_abandoned_iterator_leaves_no_thread(reader_shards):
+    reader = ShardReader(reader_shards["jpeg"], "train", batch_size=2, shuffle=True, prefetch=2, decode_threads=2)
     it = iter(reader)
     next(it)
     assert _our_threads()  # producer and decoders are running, the queue is full
@@ -251,15 +236,15 @@ def test_abandoned_iterator_leaves_no_thread(datasets):
     gen.close()
     assert _no_threads_left()
 
-    with ShardReader(datasets["jpeg"], "val", batch_size=2, shuffle=False) as r:
+    with ShardReader(reader_shards["jpeg"], "val", batch_size=2, shuffle=False) as r:
         held = iter(r)
         next(held)
     assert _no_threads_left()  # closed by the with block although `held` is still referenced
     assert list(held) == []
 
 
-def test_errors_reach_the_consumer_and_stop_the_threads(datasets, monkeypatch):
-    reader = ShardReader(datasets["jpeg"], "train", batch_size=4, shuffle=False)
+def test_errors_reach_the_consumer_and_stop_the_threads(reader_shards, monkeypatch):
+    reader = ShardReader(reader_shards["jpeg"], "train", batch_size=4, shuffle=False)
 
     def broken(out, blobs):
         raise ValueError("corrupt image")
@@ -270,12 +255,12 @@ def test_errors_reach_the_consumer_and_stop_the_threads(datasets, monkeypatch):
     assert _no_threads_left()
 
 
-def test_argument_errors(datasets):
+def test_argument_errors(reader_shards):
     with pytest.raises(ValueError, match="no split"):
-        ShardReader(datasets["jpeg"], "test", batch_size=4, shuffle=False)
+        ShardReader(reader_shards["jpeg"], "test", batch_size=4, shuffle=False)
     with pytest.raises(ValueError, match="rank"):
-        ShardReader(datasets["jpeg"], "train", batch_size=4, shuffle=False, rank=2, world_size=2)
+        ShardReader(reader_shards["jpeg"], "train", batch_size=4, shuffle=False, rank=2, world_size=2)
     with pytest.raises(ValueError, match="no full batch"):
-        ShardReader(datasets["jpeg"], "val", batch_size=64, shuffle=True)
+        ShardReader(reader_shards["jpeg"], "val", batch_size=64, shuffle=True)
     with pytest.raises(prepare.PrepareError):
-        ShardReader(str(Path(datasets["jpeg"]).parent / "missing"), "train", batch_size=4, shuffle=False)
+        ShardReader(str(Path(reader_shards["jpeg"]).parent / "missing"), "train", batch_size=4, shuffle=False)

@@ -8,30 +8,15 @@ import pytest
 import torch
 
 from benchmarks import gpu_input
-from pipelines import prepare
-from pipelines.imaging import ImageRecipe
 
 pytestmark = [
-    pytest.mark.slow,  # Ray prepares its shards, as in test_data.py
+    pytest.mark.slow,  # Ray prepares its shards (conftest.reader_shards, shared with test_data.py)
     pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback; a GPU run measures"),
 ]
 
 
-@pytest.fixture(scope="module")
-def shards(ray_local, tmp_path_factory) -> dict[str, str]:
-    from pipelines.synth import write_synthetic_imagenet
-
-    root = tmp_path_factory.mktemp("gpu-input")
-    write_synthetic_imagenet(root / "src", classes=2, train_per_class=12, val_per_class=1, size=160, quirks=False)
-    out = {}
-    for fmt in ("jpeg", "raw"):
-        out[fmt] = str(root / fmt)
-        prepare.prepare_imagenet(str(root / "src"), out[fmt], recipe=ImageRecipe(image_format=fmt))
-    return out
-
-
-def test_runs_on_cpu_and_says_no_gpu(shards, capsys):
-    assert gpu_input.main(["--data", shards["jpeg"], "--raw-data", shards["raw"], "--batch-size", "4",
+def test_runs_on_cpu_and_says_no_gpu(reader_shards, capsys):
+    assert gpu_input.main(["--data", reader_shards["jpeg"], "--raw-data", reader_shards["raw"], "--batch-size", "4",
                            "--batches", "3", "--warmup", "1", "--threads", "2"]) == 0
     out = capsys.readouterr().out
     assert "no GPU present" in out.splitlines()[0]
